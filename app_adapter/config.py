@@ -1,0 +1,274 @@
+"""Settings of owui-crypto, read once from the environment.
+
+Only *what* to use is configured here: the region and the two KMS keys, the
+key cache, and how long to wait for KMS. *Where* KMS is and *who* we are come
+solely from boto3's standard mechanisms (``AWS_ENDPOINT_URL_KMS``,
+``AWS_ENDPOINT_URL``, the credentials chain, ``AWS_PROFILE``...), so the
+same deployment tooling that configures any other AWS client configures
+this one.
+
+A missing or malformed value raises :class:`~app_adapter.errors.ConfigError`
+naming the variable and showing a valid value; an empty value counts as
+unset.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from app_adapter.errors import ConfigError
+
+__all__ = ["ENV_VARS", "MAC_ALGORITHMS", "Settings", "settings_table_markdown"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: KMS MAC algorithms; each HMAC KeySpec supports exactly one of them.
+MAC_ALGORITHMS = ("HMAC_SHA_224", "HMAC_SHA_256", "HMAC_SHA_384", "HMAC_SHA_512")
+
+# Upper bound on total attempts: with standard-mode backoff and the default
+# timeouts, 10 attempts already mean ~40 s of blocking in the worst case.
+_MAX_ATTEMPTS_CEILING = 10
+
+#: (name, default or None when required, description): the README table.
+ENV_VARS: tuple[tuple[str, str | None, str], ...] = (
+    ("AWS_REGION", None, "AWS region of the KMS keys, e.g. `us-east-1`."),
+    (
+        "KMS_HMAC_KEY_ID",
+        None,
+        "KMS HMAC key (KeySpec HMAC_224/256/384/512) that turns an email into a "
+        "user id with GenerateMac. Key id, key ARN, alias name or alias ARN.",
+    ),
+    (
+        "KMS_APPLICATION_CMK_ID",
+        None,
+        "KMS symmetric encryption key (SYMMETRIC_DEFAULT) that wraps each user's "
+        "DEK and the deployment keys. Key id, key ARN, alias name or alias ARN.",
+    ),
+    (
+        "OWUI_CRYPTO_KMS_MAC_ALGORITHM",
+        "",
+        "Optional pin of the MAC algorithm (`HMAC_SHA_224`...`HMAC_SHA_512`). "
+        "Empty: derived from the HMAC key's KeySpec. Set it to refuse to start "
+        "if the HMAC key is ever swapped for one of another spec.",
+    ),
+    (
+        "OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS",
+        "300",
+        "Seconds an unwrapped DEK stays in the per-process cache (> 0).",
+    ),
+    (
+        "OWUI_CRYPTO_KEY_CACHE_SIZE",
+        "10000",
+        "Most DEKs kept in the per-process cache; least recently used go first (> 0).",
+    ),
+    (
+        "OWUI_CRYPTO_KMS_CONNECT_TIMEOUT",
+        "2",
+        "Seconds to wait for a TCP/TLS connection to KMS (> 0).",
+    ),
+    (
+        "OWUI_CRYPTO_KMS_READ_TIMEOUT",
+        "2",
+        "Seconds to wait for a KMS answer on an open connection (> 0).",
+    ),
+    (
+        "OWUI_CRYPTO_KMS_MAX_ATTEMPTS",
+        "2",
+        "Total attempts per KMS call, first one included (botocore `standard` "
+        f"retry mode, 1..{_MAX_ATTEMPTS_CEILING}).",
+    ),
+    (
+        "OWUI_CRYPTO_STORE_USER_KEY",
+        "false",
+        "Legacy switch: also store `user_key` next to `user_encrypted_dek`, which "
+        "makes the per-user wrapping worthless. `1/true/yes` or `0/false/no`.",
+    ),
+)
+
+_DEFAULTS = {name: default for name, default, _ in ENV_VARS}
+
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_KEY_ID = rf"(?:{_UUID}|mrk-[0-9a-f]{{32}})"
+_ALIAS = r"alias/[A-Za-z0-9/_-]{1,250}"
+_KEY_REF_RE = re.compile(
+    rf"^(?:{_KEY_ID}|{_ALIAS}"
+    rf"|arn:aws[a-z-]*:kms:(?P<region>[a-z0-9-]+):\d{{12}}:(?:key/{_KEY_ID}|{_ALIAS}))$"
+)
+_KEY_REF_EXAMPLE = (
+    "a key id (1234abcd-12ab-34cd-56ef-1234567890ab), a key ARN "
+    "(arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab), "
+    "an alias name (alias/owui-users) or an alias ARN"
+)
+
+_TRUE = frozenset({"1", "true", "yes"})
+_FALSE = frozenset({"0", "false", "no"})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Validated settings; build them with :meth:`from_env`.
+
+    Holds identifiers and tuning only -- nothing here is secret.
+    """
+
+    aws_region: str
+    hmac_key_id: str
+    application_cmk_id: str
+    kms_mac_algorithm: str | None = None
+    key_cache_ttl_seconds: float = 300.0
+    key_cache_size: int = 10_000
+    kms_connect_timeout: float = 2.0
+    kms_read_timeout: float = 2.0
+    kms_max_attempts: int = 2
+    store_user_key: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Read and validate every variable of :data:`ENV_VARS`.
+
+        Raises :class:`ConfigError` on the first missing or malformed one.
+        """
+        region = _required(environ, "AWS_REGION")
+        if not _REGION_RE.match(region):
+            raise ConfigError(
+                f"AWS_REGION={region!r} is not an AWS region name; "
+                "expected something like 'us-east-1' or 'eu-central-1'"
+            )
+        settings = cls(
+            aws_region=region,
+            hmac_key_id=_key_ref(environ, "KMS_HMAC_KEY_ID", region),
+            application_cmk_id=_key_ref(environ, "KMS_APPLICATION_CMK_ID", region),
+            kms_mac_algorithm=_mac_algorithm(environ, "OWUI_CRYPTO_KMS_MAC_ALGORITHM"),
+            key_cache_ttl_seconds=_number(
+                environ, "OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS", float, "a number of seconds > 0, e.g. 300"
+            ),
+            key_cache_size=_number(
+                environ, "OWUI_CRYPTO_KEY_CACHE_SIZE", int, "a whole number > 0, e.g. 10000"
+            ),
+            kms_connect_timeout=_number(
+                environ, "OWUI_CRYPTO_KMS_CONNECT_TIMEOUT", float, "a number of seconds > 0, e.g. 2"
+            ),
+            kms_read_timeout=_number(
+                environ, "OWUI_CRYPTO_KMS_READ_TIMEOUT", float, "a number of seconds > 0, e.g. 2"
+            ),
+            kms_max_attempts=_number(
+                environ,
+                "OWUI_CRYPTO_KMS_MAX_ATTEMPTS",
+                int,
+                f"a whole number from 1 to {_MAX_ATTEMPTS_CEILING}, e.g. 2",
+                ceiling=_MAX_ATTEMPTS_CEILING,
+            ),
+            store_user_key=_boolean(environ, "OWUI_CRYPTO_STORE_USER_KEY"),
+        )
+        if settings.store_user_key:
+            # Loud on purpose: with the switch on, anyone who can read the
+            # user table can open every user's DEK.
+            log.warning(
+                "OWUI_CRYPTO_STORE_USER_KEY is on: user_key is stored next to "
+                "user_encrypted_dek, so the per-user wrapping protects nothing "
+                "against a database reader. Legacy compatibility only."
+            )
+        return settings
+
+
+def settings_table_markdown() -> str:
+    """Return :data:`ENV_VARS` as a Markdown table for the README."""
+    lines = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for name, default, description in ENV_VARS:
+        shown = "*(required)*" if default is None else (f"`{default}`" if default else "*(empty)*")
+        cell = description.replace("|", r"\|")  # a bare | would split the cell
+        lines.append(f"| `{name}` | {shown} | {cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def _raw(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip()
+
+
+def _required(environ: Mapping[str, str], name: str) -> str:
+    value = _raw(environ, name)
+    if value is None:
+        raise ConfigError(f"{name} is not set; {_describe(name)}")
+    return value
+
+
+def _describe(name: str) -> str:
+    for var, _, description in ENV_VARS:
+        if var == name:
+            return f"expected: {description}"
+    raise KeyError(name)  # a programming error: every variable is listed
+
+
+def _key_ref(environ: Mapping[str, str], name: str, region: str) -> str:
+    value = _required(environ, name)
+    match = _KEY_REF_RE.match(value)
+    if match is None:
+        raise ConfigError(f"{name}={value!r} is not a KMS key reference; expected {_KEY_REF_EXAMPLE}")
+    # KMS keys are regional: an ARN of another region fails later with a
+    # confusing NotFoundException, so say it now.
+    arn_region = match.group("region")
+    if arn_region is not None and arn_region != region:
+        raise ConfigError(
+            f"{name} is an ARN in region {arn_region!r} but AWS_REGION={region!r}; "
+            "use a key of the configured region or change AWS_REGION"
+        )
+    return value
+
+
+def _mac_algorithm(environ: Mapping[str, str], name: str) -> str | None:
+    value = _raw(environ, name)
+    if value is None:
+        return None
+    if value not in MAC_ALGORITHMS:
+        raise ConfigError(
+            f"{name}={value!r} is not a KMS MAC algorithm; expected one of "
+            f"{', '.join(MAC_ALGORITHMS)} or empty to derive it from the key"
+        )
+    return value
+
+
+def _number(
+    environ: Mapping[str, str],
+    name: str,
+    kind: Callable[[str], T],
+    valid: str,
+    *,
+    ceiling: float | None = None,
+) -> T:
+    text = _raw(environ, name)
+    if text is None:
+        text = _DEFAULTS[name]
+        assert text is not None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not valid; expected {valid}") from None
+    # float() accepts 'nan' and 'inf', which compare false/true in ways that
+    # would silently disable the cache or the timeout.
+    if not (0 < value < float("inf")) or (ceiling is not None and value > ceiling):  # type: ignore[operator]
+        raise ConfigError(f"{name}={text!r} is out of range; expected {valid}")
+    return value
+
+
+def _boolean(environ: Mapping[str, str], name: str) -> bool:
+    text = _raw(environ, name)
+    if text is None:
+        text = _DEFAULTS[name]
+        assert text is not None
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name}={text!r} is not a boolean; expected 1/true/yes or 0/false/no")

@@ -1,0 +1,571 @@
+"""The two KMS keys of owui-crypto, and nothing else of KMS.
+
+* The **HMAC key** (``KMS_HMAC_KEY_ID``) turns an email into a stable,
+  UUID-shaped user id with GenerateMac.
+* The **application CMK** (``KMS_APPLICATION_CMK_ID``) wraps each user's
+  DEK (the disaster-recovery copy, ``kms_encrypted_dek``) and a few
+  deployment-wide keys such as the share key. Every wrap is bound to an
+  encryption context naming its owner, so a blob moved to another user's row
+  does not open.
+
+KMS itself enforces key state, key usage and the HMAC algorithm; emulators
+such as moto do not, so :meth:`KmsKeys.check_keys` checks them too, and the
+MAC algorithm is derived from the key's KeySpec rather than assumed.
+
+Every botocore failure is translated into an :mod:`app_adapter.errors`
+class whose message says what to check; the original exception stays as
+``__cause__`` except for parameter-validation errors, whose text can quote
+the parameter values (our plaintext).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from app_adapter.config import MAC_ALGORITHMS, Settings
+from app_adapter.errors import (
+    CannotUnwrap,
+    InvalidInput,
+    KeyUnavailable,
+    KmsError,
+    KmsThrottled,
+    KmsUnreachable,
+    MacAlgorithmMismatch,
+)
+from app_adapter.secret import SecretBytes
+
+__all__ = [
+    "APPLICATION",
+    "DEK_BYTES",
+    "HMAC_SPEC_TO_ALGORITHM",
+    "MAX_MAC_MESSAGE_BYTES",
+    "KeyCheck",
+    "KmsKeys",
+    "botocore_config",
+    "uuid_from_mac",
+]
+
+#: The one algorithm each KMS HMAC KeySpec supports.
+HMAC_SPEC_TO_ALGORITHM: Mapping[str, str] = {
+    "HMAC_224": "HMAC_SHA_224",
+    "HMAC_256": "HMAC_SHA_256",
+    "HMAC_384": "HMAC_SHA_384",
+    "HMAC_512": "HMAC_SHA_512",
+}
+
+#: GenerateMac's Message limit in real KMS (moto does not enforce it).
+MAX_MAC_MESSAGE_BYTES = 4096
+
+#: Length of a user's data encryption key.
+DEK_BYTES = 32
+
+#: Encrypt's Plaintext limit in real KMS.
+_MAX_PLAINTEXT_BYTES = 4096
+
+#: Value of the "application" field of every encryption context we use.
+APPLICATION = "open-webui"
+
+_USER_DEK_PURPOSE = "user-dek-encryption"
+_DEPLOYMENT_KEY_PURPOSE = "deployment-key"
+
+_KEY_UNAVAILABLE_CODES = frozenset(
+    {
+        "DisabledException",
+        "KMSInvalidStateException",
+        "NotFoundException",
+        "InvalidKeyUsageException",
+        "KeyUnavailableException",
+        # Credentials and permissions: the key exists but this process may
+        # not use it. An operator fixes these, a retry does not.
+        "AccessDeniedException",
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "ExpiredTokenException",
+        "IncompleteSignature",
+    }
+)
+_CANNOT_UNWRAP_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
+_THROTTLED_CODES = frozenset({"ThrottlingException", "LimitExceededException"})
+# Server-side trouble that, like a network failure, passes by itself.
+_UNREACHABLE_CODES = frozenset({"DependencyTimeoutException", "KMSInternalException"})
+_UNWRAP_OPERATIONS = frozenset({"Decrypt"})
+
+
+def botocore_config(settings: Settings) -> Config:
+    """The botocore client configuration: bounded timeouts and retries.
+
+    botocore's defaults (legacy retry mode, 60 s read timeout, 5 attempts)
+    can block a request for minutes on an endpoint that accepts connections
+    and never answers.
+    """
+    return Config(
+        region_name=settings.aws_region,
+        connect_timeout=settings.kms_connect_timeout,
+        read_timeout=settings.kms_read_timeout,
+        retries={"mode": "standard", "total_max_attempts": settings.kms_max_attempts},
+    )
+
+
+def uuid_from_mac(mac: bytes) -> str:
+    """Shape the first 16 bytes of a MAC as an RFC 9562 version-8 UUID string.
+
+    Version nibble 8 ("custom") and the RFC variant bits are forced; the
+    other 122 bits come from the MAC. The SQL side and earlier releases rely
+    on exactly this layout: do not change it.
+    """
+    if len(mac) < 16:
+        raise InvalidInput(f"a MAC of at least 16 bytes is needed, got {len(mac)}")
+    b = bytearray(mac[:16])
+    b[6] = (b[6] & 0x0F) | 0x80
+    b[8] = (b[8] & 0x3F) | 0x80
+    return str(uuid.UUID(bytes=bytes(b)))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCheck:
+    """What :meth:`KmsKeys.check_keys` found: both keys are usable."""
+
+    hmac_key_arn: str
+    hmac_key_spec: str
+    mac_algorithm: str
+    cmk_arn: str
+
+
+class _RedactKmsBodies(logging.Filter):
+    """Blanks botocore DEBUG records that carry a KMS Plaintext.
+
+    With botocore at DEBUG, ``botocore.endpoint`` logs each request body and
+    ``botocore.parsers`` each response body, which for Encrypt, Decrypt and
+    GenerateDataKey contain the DEK in base64.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG and '"Plaintext"' in record.getMessage():
+            record.msg = "[owui-crypto: botocore record redacted, it carried a KMS Plaintext]"
+            record.args = None
+        return True
+
+
+_REDACTOR = _RedactKmsBodies()
+
+
+def _install_redactor() -> None:
+    # Filters only see records logged on their own logger, so attach to the
+    # two loggers that print bodies; addFilter ignores a repeat.
+    for name in ("botocore.endpoint", "botocore.parsers"):
+        logging.getLogger(name).addFilter(_REDACTOR)
+
+
+class KmsKeys:
+    """The HMAC key and the application CMK, through one boto3 client.
+
+    Thread-safe: boto3 clients are, and the counters are behind a lock.
+    Build one per process and share it.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: Any | None = None,
+        mac_algorithm: str | None = None,
+    ) -> None:
+        """Create the KMS client from boto3's standard configuration.
+
+        ``client`` replaces the client (tests use a botocore ``Stubber``).
+        ``mac_algorithm`` pins the MAC algorithm (default: the setting
+        ``OWUI_CRYPTO_KMS_MAC_ALGORITHM``); when it is None the algorithm is
+        derived from the HMAC key's KeySpec.
+        """
+        pinned = mac_algorithm if mac_algorithm is not None else settings.kms_mac_algorithm
+        if pinned is not None:
+            _validate_algorithm_name(pinned)
+        self._settings = settings
+        self._pinned_algorithm = pinned
+        _install_redactor()
+        if client is None:
+            # A private session: boto3's default session is not thread-safe.
+            session = boto3.session.Session(region_name=settings.aws_region)
+            client = session.client("kms", config=botocore_config(settings))
+        self._client = client
+        self._hmac_spec: str | None = None
+        self._lock = threading.Lock()
+        self._calls: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._latency_total = 0.0
+        self._latency_last = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"KmsKeys(region={self._settings.aws_region!r}, "
+            f"hmac_key_id={self._settings.hmac_key_id!r}, "
+            f"cmk_id={self._settings.application_cmk_id!r})"
+        )
+
+    @property
+    def client(self) -> Any:
+        """The botocore KMS client (for event hooks and stubbing in tests)."""
+        return self._client
+
+    def close(self) -> None:
+        """Close the client's connection pool."""
+        self._client.close()
+
+    def __enter__(self) -> KmsKeys:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- key checks ---------------------------------------------------------
+
+    def check_keys(self) -> KeyCheck:
+        """DescribeKey both keys and refuse any that real KMS would refuse.
+
+        Raises :class:`KeyUnavailable` when a key is not Enabled (disabled,
+        pending deletion...), or has the wrong usage or spec, and
+        :class:`MacAlgorithmMismatch` when a pinned MAC algorithm does not
+        match the HMAC key. Call it at startup: emulators accept calls on
+        keys in any state, so tests would otherwise miss these failures.
+        """
+        hmac_meta = self._describe_hmac_key()
+        algorithm = HMAC_SPEC_TO_ALGORITHM[hmac_meta["KeySpec"]]
+        if self._pinned_algorithm is not None:
+            self._check_pin(self._pinned_algorithm, algorithm, hmac_meta["KeySpec"])
+
+        cmk_meta = self._describe(self._settings.application_cmk_id, "KMS_APPLICATION_CMK_ID")
+        self._require(
+            cmk_meta,
+            "KMS_APPLICATION_CMK_ID",
+            self._settings.application_cmk_id,
+            usage="ENCRYPT_DECRYPT",
+            specs=("SYMMETRIC_DEFAULT",),
+        )
+        return KeyCheck(
+            hmac_key_arn=hmac_meta["Arn"],
+            hmac_key_spec=hmac_meta["KeySpec"],
+            mac_algorithm=algorithm,
+            cmk_arn=cmk_meta["Arn"],
+        )
+
+    def mac_algorithm(self) -> str:
+        """The HMAC key's one MAC algorithm, from its KeySpec.
+
+        The first call runs DescribeKey (unless :meth:`check_keys` already
+        did); the answer is kept for the life of this object.
+        """
+        spec = self._hmac_spec
+        if spec is None:
+            spec = self._describe_hmac_key()["KeySpec"]
+        return HMAC_SPEC_TO_ALGORITHM[spec]
+
+    # -- user ids -----------------------------------------------------------
+
+    def user_id(self, email: str, *, mac_algorithm: str | None = None) -> str:
+        """The UUID-shaped user id of ``email``: GenerateMac, then :func:`uuid_from_mac`.
+
+        The email is stripped and lowercased first, so case and surrounding
+        blanks do not make a second identity. An explicit ``mac_algorithm``
+        (or the pinned one) must match the key; it is checked before
+        GenerateMac is called.
+        """
+        if not isinstance(email, str):
+            raise InvalidInput(f"email must be a str, got {type(email).__name__}")
+        message = email.strip().lower().encode("utf-8")
+        if not message:
+            raise InvalidInput("email is empty")
+        if len(message) > MAX_MAC_MESSAGE_BYTES:
+            # Length only: the email is personal data.
+            raise InvalidInput(
+                f"email is {len(message)} bytes in UTF-8; KMS GenerateMac takes at most "
+                f"{MAX_MAC_MESSAGE_BYTES}"
+            )
+        wanted = mac_algorithm if mac_algorithm is not None else self._pinned_algorithm
+        if wanted is not None:
+            _validate_algorithm_name(wanted)
+        algorithm = self.mac_algorithm()
+        if wanted is not None:
+            self._check_pin(wanted, algorithm, self._hmac_spec or "?")
+        response = self._call(
+            "GenerateMac",
+            "KMS_HMAC_KEY_ID",
+            self._settings.hmac_key_id,
+            KeyId=self._settings.hmac_key_id,
+            Message=message,
+            MacAlgorithm=algorithm,
+        )
+        return uuid_from_mac(response["Mac"])
+
+    # -- user DEKs ------------------------------------------------------------
+
+    def new_dek(self, user_id: str) -> tuple[SecretBytes, bytes]:
+        """A fresh 32-byte DEK for ``user_id`` and its KMS-wrapped copy.
+
+        One GenerateDataKey call; the DEK comes from KMS's random generator.
+        """
+        context = _user_context(user_id)
+        response = self._call(
+            "GenerateDataKey",
+            "KMS_APPLICATION_CMK_ID",
+            self._settings.application_cmk_id,
+            KeyId=self._settings.application_cmk_id,
+            NumberOfBytes=DEK_BYTES,
+            EncryptionContext=context,
+        )
+        dek = SecretBytes(response["Plaintext"])
+        if len(dek) != DEK_BYTES:
+            raise KmsError(f"KMS GenerateDataKey returned {len(dek)} bytes, asked for {DEK_BYTES}")
+        return dek, bytes(response["CiphertextBlob"])
+
+    def wrap_dek(self, user_id: str, dek: SecretBytes | bytes) -> bytes:
+        """Encrypt ``dek`` under the CMK, bound to ``user_id``."""
+        plaintext = _reveal(dek)
+        if len(plaintext) != DEK_BYTES:
+            raise InvalidInput(f"a DEK is {DEK_BYTES} bytes, got {len(plaintext)}")
+        return self._encrypt(plaintext, _user_context(user_id))
+
+    def unwrap_dek(self, user_id: str, blob: bytes) -> SecretBytes:
+        """Decrypt a blob from :meth:`wrap_dek`/:meth:`new_dek` for ``user_id``.
+
+        A blob of another user, another key or another purpose raises
+        :class:`CannotUnwrap`.
+        """
+        dek = self._decrypt(blob, _user_context(user_id), f"the wrapped DEK of user {user_id!r}")
+        if len(dek) != DEK_BYTES:
+            raise CannotUnwrap(
+                f"the wrapped DEK of user {user_id!r} opened to {len(dek)} bytes, "
+                f"not {DEK_BYTES}: it is not a DEK"
+            )
+        return dek
+
+    # -- deployment keys ---------------------------------------------------
+
+    def wrap_deployment_key(self, name: str, key: SecretBytes | bytes) -> bytes:
+        """Encrypt a deployment-wide key (e.g. the share key) bound to ``name``."""
+        plaintext = _reveal(key)
+        if not 1 <= len(plaintext) <= _MAX_PLAINTEXT_BYTES:
+            raise InvalidInput(
+                f"a deployment key is 1 to {_MAX_PLAINTEXT_BYTES} bytes, got {len(plaintext)}"
+            )
+        return self._encrypt(plaintext, _deployment_context(name))
+
+    def unwrap_deployment_key(self, name: str, blob: bytes) -> SecretBytes:
+        """Decrypt a blob from :meth:`wrap_deployment_key` with the same ``name``."""
+        return self._decrypt(blob, _deployment_context(name), f"the wrapped deployment key {name!r}")
+
+    # -- metrics ------------------------------------------------------------
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters since creation, as plain data.
+
+        ``calls`` by KMS operation (one per API call; botocore's retries
+        inside a call are not counted apart), ``errors`` by exception class, and KMS latency in seconds:
+        ``latency_seconds_total`` over all calls and ``latency_seconds_last``.
+        """
+        with self._lock:
+            return {
+                "calls": dict(self._calls),
+                "errors": dict(self._errors),
+                "latency_seconds_total": self._latency_total,
+                "latency_seconds_last": self._latency_last,
+            }
+
+    # -- internals ----------------------------------------------------------
+
+    def _describe_hmac_key(self) -> dict[str, Any]:
+        meta = self._describe(self._settings.hmac_key_id, "KMS_HMAC_KEY_ID")
+        self._require(
+            meta,
+            "KMS_HMAC_KEY_ID",
+            self._settings.hmac_key_id,
+            usage="GENERATE_VERIFY_MAC",
+            specs=tuple(HMAC_SPEC_TO_ALGORITHM),
+        )
+        algorithm = HMAC_SPEC_TO_ALGORITHM[meta["KeySpec"]]
+        # Real KMS lists the key's algorithms (moto omits the field); a
+        # disagreement means our table is out of date, so stop.
+        listed = meta.get("MacAlgorithms")
+        if listed is not None and algorithm not in listed:
+            raise KeyUnavailable(
+                f"KMS_HMAC_KEY_ID={self._settings.hmac_key_id}: KeySpec {meta['KeySpec']} "
+                f"should support {algorithm} but KMS lists {', '.join(listed) or 'none'}"
+            )
+        self._hmac_spec = meta["KeySpec"]
+        return meta
+
+    def _describe(self, key_id: str, variable: str) -> dict[str, Any]:
+        response = self._call("DescribeKey", variable, key_id, KeyId=key_id)
+        return response["KeyMetadata"]
+
+    @staticmethod
+    def _require(
+        meta: Mapping[str, Any], variable: str, key_id: str, *, usage: str, specs: tuple[str, ...]
+    ) -> None:
+        state = meta.get("KeyState")
+        if state != "Enabled" or not meta.get("Enabled", False):
+            raise KeyUnavailable(
+                f"{variable}={key_id} is in state {state}; it must be Enabled "
+                "(enable it, or cancel its scheduled deletion, or point "
+                f"{variable} at another key)"
+            )
+        if meta.get("KeyUsage") != usage or meta.get("KeySpec") not in specs:
+            raise KeyUnavailable(
+                f"{variable}={key_id} has KeyUsage {meta.get('KeyUsage')} and KeySpec "
+                f"{meta.get('KeySpec')}; expected KeyUsage {usage} with KeySpec "
+                f"{' or '.join(specs)}"
+            )
+
+    def _check_pin(self, wanted: str, algorithm: str, spec: str) -> None:
+        if wanted != algorithm:
+            raise MacAlgorithmMismatch(
+                f"MAC algorithm {wanted} was asked for, but KMS_HMAC_KEY_ID="
+                f"{self._settings.hmac_key_id} has KeySpec {spec}, which supports only "
+                f"{algorithm}; fix OWUI_CRYPTO_KMS_MAC_ALGORITHM or the key id"
+            )
+
+    def _encrypt(self, plaintext: bytes, context: dict[str, str]) -> bytes:
+        response = self._call(
+            "Encrypt",
+            "KMS_APPLICATION_CMK_ID",
+            self._settings.application_cmk_id,
+            KeyId=self._settings.application_cmk_id,
+            Plaintext=plaintext,
+            EncryptionContext=context,
+        )
+        return bytes(response["CiphertextBlob"])
+
+    def _decrypt(self, blob: bytes, context: dict[str, str], what: str) -> SecretBytes:
+        if not isinstance(blob, (bytes, bytearray, memoryview)) or not blob:
+            raise CannotUnwrap(f"{what} is empty or not bytes")
+        response = self._call(
+            "Decrypt",
+            "KMS_APPLICATION_CMK_ID",
+            self._settings.application_cmk_id,
+            what=what,
+            # An explicit KeyId makes KMS refuse a blob made under any other
+            # key instead of quietly using whichever key made it.
+            KeyId=self._settings.application_cmk_id,
+            CiphertextBlob=bytes(blob),
+            EncryptionContext=context,
+        )
+        return SecretBytes(response["Plaintext"])
+
+    def _call(self, operation: str, variable: str, key_id: str, *, what: str = "", **params: Any) -> Any:
+        method = getattr(self._client, _SNAKE_CASE[operation])
+        with self._lock:
+            self._calls[operation] += 1
+        started = time.perf_counter()
+        try:
+            return method(**params)
+        except botocore.exceptions.ParamValidationError:
+            error: KmsError | InvalidInput | CannotUnwrap = InvalidInput(
+                f"KMS {operation} refused its parameters before sending (a bug in the caller)"
+            )
+            self._count_error(error)
+            # Its text quotes parameter values, which include our plaintext.
+            raise error from None
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            error = self._translate(exc, operation, variable, key_id, what)
+            self._count_error(error)
+            raise error from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self._latency_total += elapsed
+                self._latency_last = elapsed
+
+    def _count_error(self, error: Exception) -> None:
+        with self._lock:
+            self._errors[type(error).__name__] += 1
+
+    def _translate(
+        self, exc: Exception, operation: str, variable: str, key_id: str, what: str
+    ) -> KmsError | CannotUnwrap:
+        where = f"KMS {operation} on {variable}={key_id}"
+        if isinstance(exc, botocore.exceptions.ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
+            if code in _CANNOT_UNWRAP_CODES or (
+                code == "AccessDeniedException" and operation in _UNWRAP_OPERATIONS
+            ):
+                # moto answers AccessDeniedException when an explicit KeyId
+                # does not match the blob; real KMS says IncorrectKeyException.
+                return CannotUnwrap(
+                    f"{where} failed ({code}): {what or 'the blob'} was not made by this key "
+                    "for this owner, or is corrupt"
+                )
+            if code in _KEY_UNAVAILABLE_CODES:
+                return KeyUnavailable(
+                    f"{where} failed ({code}): check that the key exists in "
+                    f"{self._settings.aws_region}, is Enabled, has the right usage, and "
+                    "that this process's AWS credentials may use it"
+                )
+            if code in _THROTTLED_CODES:
+                return KmsThrottled(
+                    f"{where} was throttled ({code}): the account's KMS request quota is "
+                    "exhausted; retry later, raise OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS to "
+                    "call KMS less, or ask AWS for a higher quota"
+                )
+            if code in _UNREACHABLE_CODES:
+                return KmsUnreachable(f"{where} failed on the KMS side ({code}); retry later")
+            return KmsError(f"{where} failed ({code})")
+        # ConnectionError covers EndpointConnectionError and
+        # ConnectTimeoutError; HTTPClientError covers ReadTimeoutError and
+        # ConnectionClosedError. botocore has retried them already.
+        if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
+            return KmsUnreachable(
+                f"{where}: no answer from {self._client.meta.endpoint_url} "
+                f"({type(exc).__name__}) after {self._settings.kms_max_attempts} attempt(s); "
+                "check AWS_ENDPOINT_URL_KMS / AWS_ENDPOINT_URL, the network path, and "
+                "OWUI_CRYPTO_KMS_CONNECT_TIMEOUT / OWUI_CRYPTO_KMS_READ_TIMEOUT"
+            )
+        if isinstance(exc, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
+            return KeyUnavailable(
+                f"{where}: no usable AWS credentials ({type(exc).__name__}); configure "
+                "the standard chain (AWS_ACCESS_KEY_ID..., AWS_PROFILE, a task/instance role)"
+            )
+        return KmsError(f"{where} failed ({type(exc).__name__})")
+
+
+_SNAKE_CASE = {
+    "DescribeKey": "describe_key",
+    "GenerateMac": "generate_mac",
+    "GenerateDataKey": "generate_data_key",
+    "Encrypt": "encrypt",
+    "Decrypt": "decrypt",
+}
+
+
+def _validate_algorithm_name(name: str) -> None:
+    if name not in MAC_ALGORITHMS:
+        raise InvalidInput(f"{name!r} is not a KMS MAC algorithm; expected one of {', '.join(MAC_ALGORITHMS)}")
+
+
+def _user_context(user_id: str) -> dict[str, str]:
+    if not isinstance(user_id, str) or not user_id:
+        raise InvalidInput("user_id must be a non-empty str")
+    return {"purpose": _USER_DEK_PURPOSE, "application": APPLICATION, "user_id": user_id}
+
+
+def _deployment_context(name: str) -> dict[str, str]:
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("a deployment key name must be a non-empty str")
+    return {"purpose": _DEPLOYMENT_KEY_PURPOSE, "application": APPLICATION, "name": name}
+
+
+def _reveal(key: SecretBytes | bytes) -> bytes:
+    if isinstance(key, SecretBytes):
+        return key.reveal()
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        return bytes(key)
+    raise InvalidInput(f"key material must be SecretBytes or bytes, got {type(key).__name__}")

@@ -1,0 +1,2 @@
+DROP SCHEMA IF EXISTS owui_crypto_view CASCADE;
+DROP SCHEMA IF EXISTS owui_crypto CASCADE;

@@ -1,0 +1,1 @@
+DROP TABLE owui_crypto.protected_column, owui_crypto.protected_table;
