@@ -338,6 +338,9 @@ def _describe_response(key_id: str, spec: str, usage: str, **extra: Any) -> dict
     return {"KeyMetadata": meta}
 
 
+# Shared: every new boto3 session reloads the service models (~0.2 s).
+_SESSION = boto3.session.Session()
+
 HMAC_ID = "11111111-1111-1111-1111-111111111111"
 CMK_ID = "22222222-2222-2222-2222-222222222222"
 
@@ -346,7 +349,7 @@ CMK_ID = "22222222-2222-2222-2222-222222222222"
 def stubbed() -> Iterator[tuple[KmsKeys, Stubber]]:
     settings = Settings(aws_region="us-east-1", hmac_key_id=HMAC_ID, application_cmk_id=CMK_ID)
     # Nothing is sent: the Stubber answers before any connection is made.
-    client = boto3.session.Session().client(
+    client = _SESSION.client(
         "kms",
         region_name="us-east-1",
         endpoint_url="http://127.0.0.1:9",
@@ -445,12 +448,20 @@ def test_real_kms_style_describe_key_passes(stubbed: tuple[KmsKeys, Stubber]) ->
     assert keys.user_id("Lee@example.com") == "00000000-0000-8000-8000-000000000000"
 
 
-def test_parameter_errors_do_not_keep_their_text(stubbed: tuple[KmsKeys, Stubber]) -> None:
-    keys, _ = stubbed
+def test_parameter_errors_do_not_keep_their_text() -> None:
+    settings = Settings(aws_region="us-east-1", hmac_key_id=HMAC_ID, application_cmk_id=CMK_ID)
+    client = _SESSION.client(
+        "kms",
+        region_name="us-east-1",
+        endpoint_url="http://127.0.0.1:9",  # never reached: validation comes first
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    keys = KmsKeys(settings, client=client)
     # botocore's ParamValidationError quotes the offending value; call with a
     # Plaintext of the wrong type to make one, through the private path.
     with pytest.raises(InvalidInput) as info:
-        keys._call("Encrypt", "KMS_APPLICATION_CMK_ID", CMK_ID, KeyId=CMK_ID, Plaintext=CANARY_DEK.hex())
+        keys._call("Encrypt", "KMS_APPLICATION_CMK_ID", CMK_ID, KeyId=CMK_ID, Plaintext=[CANARY_DEK.hex()])
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert_no_secret(exception_text(info.value), CANARY_DEK)
 
