@@ -15,13 +15,24 @@ from __future__ import annotations
 __all__ = [
     "CannotUnwrap",
     "ConfigError",
+    "DatabaseRefusal",
+    "IntegrityFailure",
     "InvalidInput",
     "KeyUnavailable",
     "KmsError",
     "KmsThrottled",
     "KmsUnreachable",
     "MacAlgorithmMismatch",
+    "NoKeyActive",
+    "NotOwner",
+    "NotProvisioned",
+    "OwnerChange",
     "OwuiCryptoError",
+    "SealedDataRemains",
+    "TransportRefused",
+    "UnsupportedDriver",
+    "WrongKey",
+    "from_database",
 ]
 
 
@@ -82,3 +93,77 @@ class KmsUnreachable(KmsError):
     """KMS could not be reached or did not answer in time."""
 
     retryable = True
+
+
+class NotProvisioned(OwuiCryptoError):
+    """A user has no key yet (or any more: it was shredded)."""
+
+
+class UnsupportedDriver(OwuiCryptoError):
+    """The engine's driver would put keys into SQL text (psycopg2, client-side binding)."""
+
+
+# -- failures reported by PostgreSQL, by SQLSTATE (sql/*.sql) ---------------
+
+
+class DatabaseRefusal(OwuiCryptoError):
+    """owui-crypto's SQL refused an operation; ``sqlstate`` says which rule."""
+
+    sqlstate = ""
+
+
+class NoKeyActive(DatabaseRefusal):
+    """OC001: sealed content was written with no key active for it."""
+
+    sqlstate = "OC001"
+
+
+class NotOwner(DatabaseRefusal):
+    """OC002: the active user does not own the row whose content was written."""
+
+    sqlstate = "OC002"
+
+
+class IntegrityFailure(DatabaseRefusal):
+    """OC003: a sealed value failed its integrity check (tampered, moved, or corrupt)."""
+
+    sqlstate = "OC003"
+
+
+class TransportRefused(DatabaseRefusal):
+    """OC004: a key sent to activate() did not unwrap under the backend's transport key."""
+
+    sqlstate = "OC004"
+
+
+class WrongKey(DatabaseRefusal):
+    """OC005: the key offered is not the registered key of that user (or none is registered)."""
+
+    sqlstate = "OC005"
+
+
+class SealedDataRemains(DatabaseRefusal):
+    """OC006: removing owui-crypto would strand sealed data."""
+
+    sqlstate = "OC006"
+
+
+class OwnerChange(DatabaseRefusal):
+    """OC007: sealed content cannot move to another owner."""
+
+    sqlstate = "OC007"
+
+
+_BY_SQLSTATE = {cls.sqlstate: cls for cls in DatabaseRefusal.__subclasses__()}
+
+
+def from_database(exc: BaseException) -> DatabaseRefusal | None:
+    """The owui-crypto refusal behind a psycopg or SQLAlchemy error, if it is one."""
+    inner = getattr(exc, "orig", exc)
+    cls = _BY_SQLSTATE.get(getattr(inner, "sqlstate", None) or "")
+    if cls is None:
+        return None
+    primary = getattr(getattr(inner, "diag", None), "message_primary", None) or str(inner)
+    refusal = cls(primary)
+    refusal.__cause__ = inner
+    return refusal

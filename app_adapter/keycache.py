@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from app_adapter.config import Settings
 from app_adapter.secret import SecretBytes
 
-__all__ = ["KeyCache", "Loader", "AsyncLoader"]
+__all__ = ["AsyncLoader", "KeyCache", "Loader"]
 
 Loader = Callable[[], SecretBytes]
 AsyncLoader = Callable[[], Awaitable[SecretBytes]]

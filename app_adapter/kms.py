@@ -159,6 +159,22 @@ class _RedactKmsBodies(logging.Filter):
 
 _REDACTOR = _RedactKmsBodies()
 
+# One boto3 session for the process: making one reloads the service models
+# (~0.2 s). Sessions are not thread-safe, hence the lock around client
+# creation; the clients themselves are.
+_SESSION_LOCK = threading.Lock()
+_SESSION: boto3.session.Session | None = None
+
+
+def _new_client(settings: Settings) -> Any:
+    global _SESSION
+    with _SESSION_LOCK:
+        if _SESSION is None:
+            _SESSION = boto3.session.Session()
+        return _SESSION.client(
+            "kms", region_name=settings.aws_region, config=botocore_config(settings)
+        )
+
 
 def _install_redactor() -> None:
     # Filters only see records logged on their own logger, so attach to the
@@ -195,9 +211,7 @@ class KmsKeys:
         self._pinned_algorithm = pinned
         _install_redactor()
         if client is None:
-            # A private session: boto3's default session is not thread-safe.
-            session = boto3.session.Session(region_name=settings.aws_region)
-            client = session.client("kms", config=botocore_config(settings))
+            client = _new_client(settings)
         self._client = client
         self._hmac_spec: str | None = None
         self._lock = threading.Lock()
@@ -406,7 +420,8 @@ class KmsKeys:
 
     def _describe(self, key_id: str, variable: str) -> dict[str, Any]:
         response = self._call("DescribeKey", variable, key_id, KeyId=key_id)
-        return response["KeyMetadata"]
+        meta: dict[str, Any] = response["KeyMetadata"]
+        return meta
 
     @staticmethod
     def _require(

@@ -140,27 +140,34 @@ END;
 --
 -- The one entry point for keys. Gives this transaction, and nothing beyond
 -- it, the key of p_user_id and the share key, each sent as a Fernet token
--- under this backend's transport key p_transport_id.
+-- under a backend's transport key.
+--
+-- The client offers the keys wrapped under every transport key it knows
+-- (parallel arrays: p_transport_ids[i] wrapped p_user_keys[i] and
+-- p_share_keys[i]): behind a pooler it cannot know which server backend the
+-- transaction landed on, and so it still needs one round trip.
 --
 -- Returns NULL when the keys are active. Returns this backend's transport key
--- instead, activating nothing, when p_transport_id is not this backend's (a
--- new connection, or a pooler such as PgBouncer moved the client to another
--- server backend): the client re-wraps under it and calls again inside the
--- same transaction.
+-- instead, activating nothing, when none of the offers is for this backend (a
+-- new connection, or a pooler moved the client to a backend it has not met):
+-- the client adds it to what it knows and calls again in the same transaction.
 CREATE FUNCTION owui_crypto.activate(
-    p_user_id text, p_transport_id text, p_user_key text, p_share_key text
+    p_user_id text, p_transport_ids text[], p_user_keys text[], p_share_keys text[]
 ) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
 DECLARE
     transport text := pg_catalog.current_setting('owui_crypto.transport_key', true);
+    offer integer;
     transport_key bytea;
     key bytea;
     registered_key_id text;
     registered_fingerprint bytea;
     ignored text;
 BEGIN
-    IF transport IS NULL OR transport = ''
-       OR pg_catalog.split_part(transport, ':', 1) IS DISTINCT FROM p_transport_id THEN
+    IF transport IS NOT NULL AND transport <> '' THEN
+        offer := pg_catalog.array_position(p_transport_ids, pg_catalog.split_part(transport, ':', 1));
+    END IF;
+    IF offer IS NULL THEN
         RETURN owui_crypto.transport_key();
     END IF;
     transport_key := owui_crypto.b64url_decode(pg_catalog.split_part(transport, ':', 2));
@@ -173,7 +180,7 @@ BEGIN
             RAISE EXCEPTION 'no key is registered for user %', p_user_id
                 USING ERRCODE = 'OC005', HINT = 'Provision the user before acting as them.';
         END IF;
-        key := owui_crypto.unwrap_transported(transport_key, p_user_key);
+        key := owui_crypto.unwrap_transported(transport_key, p_user_keys[offer]);
         IF NOT owui_crypto.digests_equal(owui_crypto.fingerprint(key), registered_fingerprint) THEN
             RAISE EXCEPTION 'the key offered for user % is not that user''s key', p_user_id
                 USING ERRCODE = 'OC005',
@@ -184,14 +191,14 @@ BEGIN
         ignored := pg_catalog.set_config('owui_crypto.user_key', pg_catalog.encode(key, 'hex'), true);
     END IF;
 
-    IF p_share_key IS NOT NULL THEN
+    IF p_share_keys[offer] IS NOT NULL THEN
         SELECT d.key_id, d.fingerprint INTO registered_key_id, registered_fingerprint
           FROM owui_crypto.deployment_key d WHERE d.name = 'share';
         IF NOT FOUND THEN
             RAISE EXCEPTION 'no share key is registered in this database'
-                USING ERRCODE = 'OC005', HINT = 'Run "owui-crypto init-keys" once per deployment.';
+                USING ERRCODE = 'OC005', HINT = 'Start the adapter once: it creates the share key.';
         END IF;
-        key := owui_crypto.unwrap_transported(transport_key, p_share_key);
+        key := owui_crypto.unwrap_transported(transport_key, p_share_keys[offer]);
         IF NOT owui_crypto.digests_equal(owui_crypto.fingerprint(key), registered_fingerprint) THEN
             RAISE EXCEPTION 'the share key offered is not this deployment''s share key'
                 USING ERRCODE = 'OC005';

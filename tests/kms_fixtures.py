@@ -15,6 +15,7 @@ the server (``POST /moto-api/reset``) and recreates the two default keys.
 from __future__ import annotations
 
 import base64
+import os
 import tempfile
 import traceback
 import urllib.request
@@ -89,36 +90,45 @@ def kms_server() -> Iterator[KmsServer]:
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     mp = pytest.MonkeyPatch()
-    empty = tempfile.NamedTemporaryFile(prefix="aws-empty-", suffix=".ini")
     try:
-        # Only boto3's own variables: the code under test reads no endpoint
-        # setting of ours. Shared config files and IMDS are shut out so a
-        # developer's ~/.aws cannot change what the tests see.
-        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL", "AWS_ROLE_ARN",
-                     "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                     "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_CONFIG_FILE", empty.name)
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", empty.name)
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_SESSION_TOKEN", "testing")
-        mp.setenv("AWS_REGION", REGION)
-        mp.setenv("AWS_DEFAULT_REGION", REGION)
-        mp.setenv("AWS_ENDPOINT_URL_KMS", endpoint)
-        handle = KmsServer(endpoint_url=endpoint, monkeypatch=mp)
-        handle.admin = boto3.session.Session(region_name=REGION).client("kms")
-        handle.hmac_key_id = handle.create_key("HMAC_512")
-        handle.cmk_id = handle.create_key("SYMMETRIC_DEFAULT")
-        mp.setenv("KMS_HMAC_KEY_ID", handle.hmac_key_id)
-        mp.setenv("KMS_APPLICATION_CMK_ID", handle.cmk_id)
-        yield handle
-        handle.admin.close()
+        with tempfile.TemporaryDirectory(prefix="owui-kms-") as home:
+            _point_boto3_at(mp, endpoint, os.path.join(home, "absent"))
+            handle = KmsServer(endpoint_url=endpoint, monkeypatch=mp)
+            handle.admin = boto3.session.Session(region_name=REGION).client("kms")
+            handle.hmac_key_id = handle.create_key("HMAC_512")
+            handle.cmk_id = handle.create_key("SYMMETRIC_DEFAULT")
+            mp.setenv("KMS_HMAC_KEY_ID", handle.hmac_key_id)
+            mp.setenv("KMS_APPLICATION_CMK_ID", handle.cmk_id)
+            yield handle
+            handle.admin.close()
     finally:
         mp.undo()
-        empty.close()
         server.stop()
+
+
+def _point_boto3_at(mp: pytest.MonkeyPatch, endpoint: str, no_file: str) -> None:
+    # Only boto3's own variables: the code under test reads no endpoint
+    # setting of ours. Config files, profiles, roles and IMDS are shut out so
+    # a developer's ~/.aws cannot change what the tests see.
+    for name in (
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ):
+        mp.delenv(name, raising=False)
+    mp.setenv("AWS_CONFIG_FILE", no_file)
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", no_file)
+    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_SESSION_TOKEN", "testing")
+    mp.setenv("AWS_REGION", REGION)
+    mp.setenv("AWS_DEFAULT_REGION", REGION)
+    mp.setenv("AWS_ENDPOINT_URL_KMS", endpoint)
 
 
 @pytest.fixture

@@ -101,7 +101,9 @@ def test_uuid_from_mac_keeps_122_bits_and_sets_version_and_variant(mac: bytes) -
     assert UUID_V8.match(text)
     raw = uuid.UUID(text).bytes
     keep = bytes([0xFF] * 6 + [0x0F, 0xFF, 0x3F] + [0xFF] * 7)
-    assert bytes(x & m for x, m in zip(raw, keep)) == bytes(x & m for x, m in zip(mac[:16], keep))
+    assert bytes(x & m for x, m in zip(raw, keep, strict=True)) == bytes(
+        x & m for x, m in zip(mac[:16], keep, strict=True)
+    )
 
 
 @pytest.mark.parametrize("spec", sorted(HMAC_SPEC_TO_ALGORITHM))

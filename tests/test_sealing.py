@@ -118,7 +118,8 @@ def test_garbled_transport_token_is_refused(app, keyring):
     transport = keyring.activate(app, alice)
     app.commit()
     with pytest.raises(psycopg.Error) as excinfo:
-        app.execute("SELECT owui_crypto.activate(%s, %s, %s, NULL)", (alice, transport.key_id, "gAAAAAgarbage"))
+        app.execute("SELECT owui_crypto.activate(%s, %s, %s, NULL)",
+                    (alice, list(transport.known), ["gAAAAgarbage"] * len(transport.known)))
     assert sqlstate_of(excinfo) == "OC004"
 
 

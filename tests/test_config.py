@@ -1,0 +1,174 @@
+"""Settings.from_env: defaults, validation, and error messages that name the variable."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pytest
+
+from app_adapter.config import ENV_VARS, Settings, settings_table_markdown
+from app_adapter.errors import ConfigError, OwuiCryptoError
+
+KEY_ARN = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+BASE = {
+    "AWS_REGION": "us-east-1",
+    "KMS_HMAC_KEY_ID": "1234abcd-12ab-34cd-56ef-1234567890ab",
+    "KMS_APPLICATION_CMK_ID": KEY_ARN,
+}
+
+
+def env(**changes: str | None) -> dict[str, str]:
+    merged: dict[str, str | None] = {**BASE, **changes}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def test_defaults() -> None:
+    s = Settings.from_env(BASE)
+    assert s == Settings(
+        aws_region="us-east-1",
+        hmac_key_id=BASE["KMS_HMAC_KEY_ID"],
+        application_cmk_id=KEY_ARN,
+        kms_mac_algorithm=None,
+        key_cache_ttl_seconds=300.0,
+        key_cache_size=10_000,
+        kms_connect_timeout=2.0,
+        kms_read_timeout=2.0,
+        kms_max_attempts=2,
+        store_user_key=False,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.aws_region = "eu-west-1"  # type: ignore[misc]
+
+
+def test_every_variable_set() -> None:
+    s = Settings.from_env(
+        env(
+            KMS_HMAC_KEY_ID="alias/owui-users",
+            OWUI_CRYPTO_KMS_MAC_ALGORITHM="HMAC_SHA_512",
+            OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS="0.5",
+            OWUI_CRYPTO_KEY_CACHE_SIZE=" 42 ",
+            OWUI_CRYPTO_KMS_CONNECT_TIMEOUT="1.5",
+            OWUI_CRYPTO_KMS_READ_TIMEOUT="3",
+            OWUI_CRYPTO_KMS_MAX_ATTEMPTS="10",
+            OWUI_CRYPTO_STORE_USER_KEY="no",
+        )
+    )
+    assert s.hmac_key_id == "alias/owui-users"
+    assert s.kms_mac_algorithm == "HMAC_SHA_512"
+    assert (s.key_cache_ttl_seconds, s.key_cache_size) == (0.5, 42)
+    assert (s.kms_connect_timeout, s.kms_read_timeout, s.kms_max_attempts) == (1.5, 3.0, 10)
+    assert s.store_user_key is False
+
+
+def test_from_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in BASE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OWUI_CRYPTO_KEY_CACHE_SIZE", "7")
+    assert Settings.from_env().key_cache_size == 7
+
+
+@pytest.mark.parametrize("name", ["AWS_REGION", "KMS_HMAC_KEY_ID", "KMS_APPLICATION_CMK_ID"])
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_missing_required_variable_is_named(name: str, value: str | None) -> None:
+    with pytest.raises(ConfigError, match=f"^{name} is not set; expected: ") as info:
+        Settings.from_env(env(**{name: value}))
+    assert isinstance(info.value, OwuiCryptoError)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "hint"),
+    [
+        ("AWS_REGION", "US-EAST-1", "us-east-1"),
+        ("AWS_REGION", "useast1", "us-east-1"),
+        ("KMS_HMAC_KEY_ID", "my-key", "alias/"),
+        ("KMS_HMAC_KEY_ID", "arn:aws:kms:us-east-1:1234:key/x", "arn:aws:kms:"),
+        ("KMS_APPLICATION_CMK_ID", "key/1234abcd-12ab-34cd-56ef-1234567890ab", "a key id"),
+        ("KMS_APPLICATION_CMK_ID", KEY_ARN.replace("us-east-1", "eu-west-1"), "region 'eu-west-1'"),
+        ("OWUI_CRYPTO_KMS_MAC_ALGORITHM", "HMAC_SHA_1", "HMAC_SHA_512"),
+        ("OWUI_CRYPTO_KMS_MAC_ALGORITHM", "hmac_sha_256", "HMAC_SHA_256"),
+        ("OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS", "0", "> 0"),
+        ("OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS", "-5", "> 0"),
+        ("OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS", "5m", "seconds"),
+        ("OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS", "nan", "> 0"),
+        ("OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS", "inf", "> 0"),
+        ("OWUI_CRYPTO_KEY_CACHE_SIZE", "0", "whole number > 0"),
+        ("OWUI_CRYPTO_KEY_CACHE_SIZE", "1.5", "whole number > 0"),
+        ("OWUI_CRYPTO_KEY_CACHE_SIZE", "lots", "whole number > 0"),
+        ("OWUI_CRYPTO_KMS_CONNECT_TIMEOUT", "0", "seconds > 0"),
+        ("OWUI_CRYPTO_KMS_CONNECT_TIMEOUT", "2s", "seconds > 0"),
+        ("OWUI_CRYPTO_KMS_READ_TIMEOUT", "-1", "seconds > 0"),
+        ("OWUI_CRYPTO_KMS_MAX_ATTEMPTS", "0", "from 1 to 10"),
+        ("OWUI_CRYPTO_KMS_MAX_ATTEMPTS", "11", "from 1 to 10"),
+        ("OWUI_CRYPTO_KMS_MAX_ATTEMPTS", "two", "from 1 to 10"),
+        ("OWUI_CRYPTO_STORE_USER_KEY", "on", "1/true/yes or 0/false/no"),
+        ("OWUI_CRYPTO_STORE_USER_KEY", "2", "1/true/yes or 0/false/no"),
+    ],
+)
+def test_malformed_variable_is_named_with_a_valid_example(name: str, value: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env(**{name: value}))
+    message = str(info.value)
+    assert message.startswith(name)
+    assert hint in message
+    assert info.value.__cause__ is None  # no "during handling of ValueError" noise
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "1234abcd-12ab-34cd-56ef-1234567890ab",
+        "mrk-1234abcd12ab34cd56ef1234567890ab",
+        "alias/owui/users_hmac-1",
+        KEY_ARN,
+        "arn:aws:kms:us-east-1:111122223333:alias/owui-users",
+        "arn:aws:kms:us-east-1:111122223333:key/mrk-1234abcd12ab34cd56ef1234567890ab",
+    ],
+)
+def test_key_reference_forms(ref: str) -> None:
+    assert Settings.from_env(env(KMS_HMAC_KEY_ID=ref)).hmac_key_id == ref
+
+
+def test_other_partitions_and_regions() -> None:
+    arn = "arn:aws-us-gov:kms:us-gov-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    s = Settings.from_env(env(AWS_REGION="us-gov-west-1", KMS_APPLICATION_CMK_ID=arn))
+    assert s.aws_region == "us-gov-west-1"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("TRUE", True), ("yes", True),
+                                                 ("0", False), ("false", False), ("No", False), ("", False)])
+def test_store_user_key_switch(value: str, expected: bool, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="app_adapter.config"):
+        s = Settings.from_env(env(OWUI_CRYPTO_STORE_USER_KEY=value))
+    assert s.store_user_key is expected
+    # Loud when on, silent when off.
+    assert ("protects nothing" in caplog.text) is expected
+
+
+def test_no_endpoint_variable_of_our_own() -> None:
+    names = [name for name, _, _ in ENV_VARS]
+    assert not [n for n in names if "ENDPOINT" in n]
+    assert names[:3] == ["AWS_REGION", "KMS_HMAC_KEY_ID", "KMS_APPLICATION_CMK_ID"]
+
+
+def test_settings_table_lists_every_variable_once() -> None:
+    table = settings_table_markdown()
+    lines = table.strip().splitlines()
+    assert lines[0] == "| Variable | Default | Meaning |"
+    assert len(lines) == 2 + len(ENV_VARS)
+    for (name, default, _), line in zip(ENV_VARS, lines[2:], strict=True):
+        assert line.startswith(f"| `{name}` | ")
+        assert ("*(required)*" in line) is (default is None)
+        assert line.count(" | ") == 2  # no stray cell separators
+    assert "| `OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS` | `300` |" in table
+
+
+def test_defaults_in_the_table_are_the_dataclass_defaults() -> None:
+    fields = {f.name: f.default for f in dataclasses.fields(Settings)}
+    s = Settings.from_env(BASE)
+    assert s.key_cache_ttl_seconds == fields["key_cache_ttl_seconds"]
+    assert s.key_cache_size == fields["key_cache_size"]
+    assert s.kms_max_attempts == fields["kms_max_attempts"]
+    assert s.kms_connect_timeout == fields["kms_connect_timeout"]
+    assert s.kms_read_timeout == fields["kms_read_timeout"]
+    assert s.store_user_key == fields["store_user_key"]
