@@ -1,0 +1,175 @@
+"""``owui-crypto``: install, check and operate per-user encryption of Open WebUI chats."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import psycopg
+
+from app_adapter import errors, migrate
+
+EPILOG = """environment:
+  DATABASE_URL             Open WebUI's PostgreSQL database (postgresql+psycopg://...)
+  AWS_REGION, KMS_HMAC_KEY_ID, KMS_APPLICATION_CMK_ID, ...
+                           KMS settings for user-id, check-keys, provision (see README)
+"""
+
+
+def _libpq(url: str | None) -> str:
+    return migrate.database_url(url).replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    migrate.upgrade(args.database_url)
+    print("owui-crypto: schema is at head; views and triggers rebuilt")
+    return 0
+
+
+def cmd_downgrade(args: argparse.Namespace) -> int:
+    migrate.downgrade(args.database_url, args.revision)
+    print(f"owui-crypto: downgraded to {args.revision}")
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    with psycopg.connect(_libpq(args.database_url)) as conn:
+        n = conn.execute("SELECT owui_crypto.refresh()").fetchone()[0]
+    print(f"owui-crypto: rebuilt views and triggers of {n} protected tables")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Drift between views and base tables, and server settings that would leak chat text."""
+    problems = []
+    with psycopg.connect(_libpq(args.database_url)) as conn:
+        problems += [f"{t}: {p}" for t, p in conn.execute("SELECT table_name, problem FROM owui_crypto.drift()")]
+        (max_len,) = conn.execute("SELECT current_setting('log_parameter_max_length')").fetchone()
+        (statement,) = conn.execute("SELECT current_setting('log_statement')").fetchone()
+        (duration,) = conn.execute("SELECT current_setting('log_min_duration_statement')").fetchone()
+        if max_len != "0" and (statement != "none" or duration != "-1"):
+            problems.append(f"the server logs statements (log_statement={statement}, log_min_duration_statement="
+                            f"{duration}) with their parameters (log_parameter_max_length={max_len}): chat text "
+                            "written by Open WebUI reaches the log. Set log_parameter_max_length = 0 "
+                            "(parameter group on RDS/Aurora).")
+    for line in problems:
+        print(f"problem: {line}")
+    print("owui-crypto: healthy" if not problems else f"owui-crypto: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
+    with psycopg.connect(_libpq(args.database_url)) as conn:
+        conn.execute("INSERT INTO owui_crypto.grantee VALUES (%s) ON CONFLICT DO NOTHING", (args.role,))
+        conn.execute("SELECT owui_crypto.refresh()")
+    print(f"owui-crypto: {args.role} may now use the decrypting views (and nothing more)")
+    return 0
+
+
+def _kms():  # noqa: ANN202
+    from app_adapter.config import Settings
+    from app_adapter.kms import KmsKeys
+
+    return KmsKeys(Settings.from_env())
+
+
+def cmd_user_id(args: argparse.Namespace) -> int:
+    with _kms() as kms:
+        kms.check_keys()
+        print(kms.user_id(args.email))
+    return 0
+
+
+def cmd_check_keys(args: argparse.Namespace) -> int:
+    with _kms() as kms:
+        print(kms.check_keys())
+    return 0
+
+
+def _service(args: argparse.Namespace):  # noqa: ANN202
+    from app_adapter.config import Settings
+    from app_adapter.keys import KeyService
+
+    return KeyService(Settings.from_env(), _libpq(args.database_url))
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    service = _service(args)
+    with psycopg.connect(service.dsn) as conn:
+        done = service.provision(conn, args.user_id)
+    print(f"owui-crypto: user {done.user_id} {'now has' if done.created else 'already had'} key {done.key_id}")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    if not args.yes:
+        print("owui-crypto: forget destroys the user's keys; everything sealed under them becomes unreadable, "
+              "backups included. Run again with --yes.", file=sys.stderr)
+        return 2
+    service = _service(args)
+    with psycopg.connect(service.dsn) as conn:
+        found = service.forget(conn, args.user_id)
+    print(f"owui-crypto: {'shredded the keys of' if found else 'no keys found for'} user {args.user_id}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app_adapter.serve import serve  # noqa: PLC0415 - needs open-webui installed
+
+    return serve(host=args.host, port=args.port)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="owui-crypto", description="Install, check and operate per-user encryption of Open WebUI chats.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:  # noqa: A002, ANN001
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--database-url", default=None, help="overrides DATABASE_URL")
+        return p
+
+    with_db(add("upgrade", cmd_upgrade, "install or upgrade owui-crypto's SQL (alembic upgrade head), then refresh"))
+    p = with_db(add("downgrade", cmd_downgrade, "remove owui-crypto's SQL; refuses while sealed data exists"))
+    p.add_argument("revision", nargs="?", default="base")
+    with_db(add("refresh", cmd_refresh, "rebuild views and triggers after Open WebUI changed a protected table"))
+    with_db(add("check", cmd_check, "report drift and server settings that would leak; exit 1 on any problem"))
+    p = with_db(add("grant", cmd_grant, "let ROLE use the decrypting views (an application role)"))
+    p.add_argument("role")
+    p = add("user-id", cmd_user_id, "print the user id (KMS HMAC) of EMAIL")
+    p.add_argument("email")
+    add("check-keys", cmd_check_keys, "check that both KMS keys exist, are enabled and of the right spec")
+    p = with_db(add("provision", cmd_provision, "give USER_ID a data key, once"))
+    p.add_argument("user_id")
+    p = with_db(add("forget", cmd_forget, "crypto-shred USER_ID: delete their wrapped keys"))
+    p.add_argument("user_id")
+    p.add_argument("--yes", action="store_true", help="really do it")
+    p = add("serve", cmd_serve, "run Open WebUI with per-user encryption")
+    p.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except errors.OwuiCryptoError as exc:
+        print(f"owui-crypto: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.Error as exc:
+        refusal = errors.from_database(exc)
+        diag = getattr(exc, "diag", None)
+        hint = f"\nhint: {diag.message_hint}" if diag is not None and diag.message_hint else ""
+        print(f"owui-crypto: {refusal or exc}{hint}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
