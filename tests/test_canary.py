@@ -105,3 +105,44 @@ def test_no_key_in_log_even_with_parameters_and_verbose_plans_logged(pg_server, 
     text = window.read()
     assert "parameters: $1" in text  # parameters really were logged
     assert_log_clean(text, keyring, plaintext_too=False)
+
+
+def test_no_key_or_plaintext_in_log_through_the_adapter(pg_server, db, db_url, kms_server):
+    """The same, with the real adapter: KMS-wrapped keys, the engine hook, SQLAlchemy."""
+    import sqlalchemy as sa
+
+    from app_adapter.hook import Adapter
+    from app_adapter.keys import KeyService
+
+    configure(pg_server, db, LOUD)
+    service = KeyService(kms_server.settings(), db_url)
+    with psycopg.connect(db_url) as conn:
+        window = LogWindow(server_log_path(conn))
+        for uid in ("canary-alice", "canary-bob"):
+            conn.execute('INSERT INTO public."user" (id, email) VALUES (%s, %s)', (uid, f"{uid}@example.com"))
+            service.provision(conn, uid)
+    engine = sa.create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    adapter = Adapter(service)
+    adapter.install(engine)
+    try:
+        with adapter.acting_as_sync("canary-alice"):
+            for i in range(8):
+                with engine.begin() as conn:
+                    conn.execute(sa.text("INSERT INTO chat (id, user_id, title, chat, meta) VALUES "
+                                         "(:id, 'canary-alice', :t, CAST(:c AS json), '{}')"),
+                                 {"id": f"c{i}", "t": CANARY_TITLE, "c": f'{{"text": "{CANARY_TEXT}"}}'})
+                    assert conn.execute(sa.text("SELECT title FROM chat WHERE id = :id"),
+                                        {"id": f"c{i}"}).scalar_one() == CANARY_TITLE
+        with adapter.acting_as_sync("canary-bob"), engine.begin() as conn:
+            assert {r[0] for r in conn.execute(sa.text("SELECT title FROM chat"))} == {"[encrypted]"}
+    finally:
+        engine.dispose()
+    text = window.read()
+    assert "owui_crypto.activate" in text
+    for uid in ("canary-alice", "canary-bob"):
+        for form in key_forms(service.dek(uid).reveal()):
+            assert form not in text
+    for form in key_forms(service.share_key().reveal()):
+        assert form not in text
+    assert CANARY_TITLE not in text and CANARY_TEXT not in text
+    service.kms.close()
