@@ -92,8 +92,10 @@ END;
 -- that is not an envelope (written before owui-crypto was installed) is
 -- returned as it is; a value sealed under a key this transaction does not
 -- hold reads as `placeholder`; one that fails its integrity check raises OC003.
+-- PARALLEL UNSAFE because fernet_open() turns every failure into one OC003
+-- inside an exception block, a subtransaction, which parallel workers refuse.
 CREATE FUNCTION owui_crypto.open_text(sealed text, binding text, placeholder text) RETURNS text
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE AS $$
 DECLARE
     key text;
 BEGIN
@@ -112,7 +114,7 @@ END
 $$;
 
 CREATE FUNCTION owui_crypto.open_json(sealed json, binding text, placeholder json) RETURNS json
-LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+LANGUAGE plpgsql STABLE PARALLEL UNSAFE AS $$
 DECLARE
     envelope text;
     key text;
@@ -130,7 +132,7 @@ BEGIN
     END IF;
     RETURN pg_catalog.convert_from(
         owui_crypto.fernet_open(owui_crypto.value_key(pg_catalog.decode(key, 'hex'), binding),
-                                pg_catalog.substr(envelope, 23, pg_catalog.length(envelope) - 23)),
+                                pg_catalog.substr(envelope, 23, pg_catalog.octet_length(envelope) - 23)),
         'UTF8')::json;
 END
 $$;

@@ -281,3 +281,16 @@ def test_delete_needs_no_key_and_returns_rows(app, keyring):
     assert app.execute("DELETE FROM chat WHERE id = %s RETURNING title", (chat_id,)).fetchone() == ("to delete",)
     app.commit()
     assert app.execute("SELECT count(*) FROM public.chat_message").fetchone()[0] == 0
+
+
+def test_views_work_under_forced_parallel_plans(app, keyring):
+    """fernet_open() uses a subtransaction; the open functions must keep the planner from parallel workers."""
+    alice = keyring.user()
+    keyring.activate(app, alice)
+    for i in range(20):
+        insert_chat(app, alice, f"parallel {i}", [("user", "x")])
+    app.execute("SET LOCAL force_parallel_mode = on")
+    app.execute("SET LOCAL parallel_setup_cost = 0")
+    app.execute("SET LOCAL parallel_tuple_cost = 0")
+    titles = [r[0] for r in app.execute("SELECT title FROM chat ORDER BY title")]
+    assert titles[0] == "parallel 0" and len(titles) == 20
