@@ -36,17 +36,6 @@ CREATE FUNCTION owui_crypto.fingerprint(key bytea) RETURNS bytea
 LANGUAGE sql STABLE PARALLEL SAFE
 RETURN owui_crypto.hmac(pg_catalog.convert_to('owui-crypto key fingerprint v1', 'UTF8'), key, 'sha256');
 
--- Equality of two digests without an early exit: compares HMACs of both under
--- a fresh random key, so timing says nothing about how many bytes matched.
-CREATE FUNCTION owui_crypto.digests_equal(a bytea, b bytea) RETURNS boolean
-LANGUAGE plpgsql VOLATILE PARALLEL SAFE AS $$
-DECLARE
-    blind bytea := owui_crypto.gen_random_bytes(32);
-BEGIN
-    RETURN owui_crypto.hmac(a, blind, 'sha256') = owui_crypto.hmac(b, blind, 'sha256');
-END
-$$;
-
 CREATE FUNCTION owui_crypto.b64url_decode(s text) RETURNS bytea
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 RETURN pg_catalog.decode(pg_catalog.replace(pg_catalog.replace(s, '-', '+'), '_', '/'), 'base64');
@@ -124,14 +113,20 @@ BEGIN
 END
 $$;
 
--- Forgets whatever keys this transaction holds.
+-- Forgets whatever keys this transaction holds. (Assignments, not one SELECT
+-- over a list: a statement would go through the executor on every call.)
 CREATE FUNCTION owui_crypto.deactivate() RETURNS void
-LANGUAGE sql VOLATILE
-BEGIN ATOMIC
-    SELECT pg_catalog.set_config(name, '', true)
-      FROM pg_catalog.unnest(ARRAY['owui_crypto.user_id', 'owui_crypto.user_key_id', 'owui_crypto.user_key',
-                                   'owui_crypto.share_key_id', 'owui_crypto.share_key']) AS name;
-END;
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    ignored text;
+BEGIN
+    ignored := pg_catalog.set_config('owui_crypto.user_id', '', true);
+    ignored := pg_catalog.set_config('owui_crypto.user_key_id', '', true);
+    ignored := pg_catalog.set_config('owui_crypto.user_key', '', true);
+    ignored := pg_catalog.set_config('owui_crypto.share_key_id', '', true);
+    ignored := pg_catalog.set_config('owui_crypto.share_key', '', true);
+END
+$$;
 
 -- Key material is only ever touched in PL/pgSQL assignments, IF and RETURN:
 -- those run as "simple expressions" outside the executor, so auto_explain
@@ -181,7 +176,9 @@ BEGIN
                 USING ERRCODE = 'OC005', HINT = 'Provision the user before acting as them.';
         END IF;
         key := owui_crypto.unwrap_transported(transport_key, p_user_keys[offer]);
-        IF NOT owui_crypto.digests_equal(owui_crypto.fingerprint(key), registered_fingerprint) THEN
+        -- A plain comparison: fingerprints are no secret (every dump has them),
+        -- so the time it takes to find a difference tells nothing.
+        IF owui_crypto.fingerprint(key) <> registered_fingerprint THEN
             RAISE EXCEPTION 'the key offered for user % is not that user''s key', p_user_id
                 USING ERRCODE = 'OC005',
                       HINT = 'The application resolved the wrong key; nothing was activated.';
@@ -199,7 +196,7 @@ BEGIN
                 USING ERRCODE = 'OC005', HINT = 'Start the adapter once: it creates the share key.';
         END IF;
         key := owui_crypto.unwrap_transported(transport_key, p_share_keys[offer]);
-        IF NOT owui_crypto.digests_equal(owui_crypto.fingerprint(key), registered_fingerprint) THEN
+        IF owui_crypto.fingerprint(key) <> registered_fingerprint THEN
             RAISE EXCEPTION 'the share key offered is not this deployment''s share key'
                 USING ERRCODE = 'OC005';
         END IF;
