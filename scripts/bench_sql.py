@@ -44,7 +44,6 @@ SEALED_BY = "owui_crypto.fernet_seal(k, m)"
 MEASURED = {
     "seal": ("owui_crypto.fernet_seal(k, m)", "encrypt"),
     "open": ("owui_crypto.fernet_open(k, t)", "decrypt"),
-    "open_parallel_safe": ("owui_crypto.fernet_open_parallel_safe(k, t)", "decrypt"),
 }
 # RESULT field -> operation.
 RESULT_OF = {"open_vs_python": "open", "seal_vs_python": "seal"}

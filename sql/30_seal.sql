@@ -113,27 +113,17 @@ BEGIN
 END
 $$;
 
+-- In a json column the envelope is a JSON string: open what is inside the quotes.
 CREATE FUNCTION owui_crypto.open_json(sealed json, binding text, placeholder json) RETURNS json
 LANGUAGE plpgsql STABLE PARALLEL UNSAFE AS $$
 DECLARE
-    envelope text;
-    key text;
+    envelope text := sealed::text;
 BEGIN
-    IF sealed IS NULL THEN
-        RETURN NULL;
-    END IF;
-    envelope := sealed::text;
-    IF pg_catalog.left(envelope, 5) <> '"oc1:' THEN
+    IF envelope IS NULL OR pg_catalog.left(envelope, 5) <> '"oc1:' THEN
         RETURN sealed;
     END IF;
-    key := owui_crypto.opening_key(pg_catalog.substr(envelope, 6, 16));
-    IF key IS NULL OR key = '' THEN
-        RETURN placeholder;
-    END IF;
-    RETURN pg_catalog.convert_from(
-        owui_crypto.fernet_open(owui_crypto.value_key(pg_catalog.decode(key, 'hex'), binding),
-                                pg_catalog.substr(envelope, 23, pg_catalog.octet_length(envelope) - 23)),
-        'UTF8')::json;
+    RETURN owui_crypto.open_text(pg_catalog.substr(envelope, 2, pg_catalog.octet_length(envelope) - 2),
+                                 binding, placeholder::text)::json;
 END
 $$;
 

@@ -254,6 +254,16 @@ BEGIN
 END
 $$;
 
+-- "name type, ..." of a relation's columns, in order.
+CREATE FUNCTION owui_crypto.column_signature(rel regclass) RETURNS text
+LANGUAGE sql STABLE SET search_path = ''
+BEGIN ATOMIC
+    SELECT pg_catalog.string_agg(pg_catalog.format('%I %s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)),
+                                 ', ' ORDER BY a.attnum)
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
+END;
+
 -- Where the live objects no longer match the policy and the base tables.
 -- Empty means healthy.
 CREATE FUNCTION owui_crypto.drift() RETURNS TABLE (table_name name, problem text)
@@ -278,12 +288,8 @@ BEGIN
         IF pg_catalog.to_regclass(pg_catalog.format('owui_crypto_view.%I', p.table_name)) IS NULL THEN
             problem := 'view is missing'; RETURN NEXT; CONTINUE;
         END IF;
-        SELECT pg_catalog.string_agg(pg_catalog.format('%I %s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY a.attnum)
-          INTO base_cols FROM pg_catalog.pg_attribute a
-         WHERE a.attrelid = pg_catalog.format('public.%I', p.table_name)::pg_catalog.regclass AND a.attnum > 0 AND NOT a.attisdropped;
-        SELECT pg_catalog.string_agg(pg_catalog.format('%I %s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)), ', ' ORDER BY a.attnum)
-          INTO view_cols FROM pg_catalog.pg_attribute a
-         WHERE a.attrelid = pg_catalog.format('owui_crypto_view.%I', p.table_name)::pg_catalog.regclass AND a.attnum > 0 AND NOT a.attisdropped;
+        base_cols := owui_crypto.column_signature(pg_catalog.format('public.%I', p.table_name)::pg_catalog.regclass);
+        view_cols := owui_crypto.column_signature(pg_catalog.format('owui_crypto_view.%I', p.table_name)::pg_catalog.regclass);
         IF base_cols IS DISTINCT FROM view_cols THEN
             problem := pg_catalog.format('view columns (%s) differ from the base table (%s)', view_cols, base_cols); RETURN NEXT;
         END IF;

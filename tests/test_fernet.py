@@ -1,7 +1,6 @@
 """sql/10_fernet.sql against the Fernet spec's official vectors and Python's cryptography.fernet.
 
-Both openers are held to the same contract: ``fernet_open`` (fast, PARALLEL UNSAFE) and
-``fernet_open_parallel_safe``. Every failure is SQLSTATE OC003 with one fixed message.
+Every failure of ``fernet_open`` is SQLSTATE OC003 with one fixed message.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ FERNET_SQL = REPO_ROOT / "sql" / "10_fernet.sql"
 # CI checks shared/ out beside the clone; so do the project's machines.
 REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 
-OPENERS = ("owui_crypto.fernet_open", "owui_crypto.fernet_open_parallel_safe")
+OPENERS = ("owui_crypto.fernet_open",)
 INTEGRITY_MESSAGE = "sealed value failed its integrity check"
 KEY = bytes(range(32))
 
@@ -381,12 +380,11 @@ def test_declarations(fernet_db):
     assert rows == {
         "fernet_seal": ("v", "s", False),                 # random IV, clock
         "fernet_open": ("s", "u", False),                 # exception block: no parallel query
-        "fernet_open_parallel_safe": ("s", "s", False),
     }
 
 
 def test_openers_in_a_parallel_query(fernet_db):
-    """A parallel plan runs fernet_open_parallel_safe in workers; fernet_open keeps the plan serial."""
+    """fernet_open keeps a plan serial even when parallel plans are forced, and still answers."""
     fernet_db.execute("CREATE TABLE fernet_parallel AS SELECT g, owui_crypto.fernet_seal(%s::bytea, "
                       "pg_catalog.int4send(g)) AS t FROM generate_series(1, 2000) g", (KEY,))
     fernet_db.execute("ANALYZE fernet_parallel")
@@ -396,7 +394,7 @@ def test_openers_in_a_parallel_query(fernet_db):
                 fernet_db.execute(f"SET LOCAL {setting} = 0")
             debug = "debug_parallel_query" if fernet_db.info.server_version >= 160000 else "force_parallel_mode"
             fernet_db.execute(f"SET LOCAL {debug} = on")
-            for opener, parallel in ((OPENERS[1], True), (OPENERS[0], False)):
+            for opener, parallel in ((OPENERS[0], False),):
                 query = f"SELECT sum(pg_catalog.length({opener}(%s::bytea, t))) FROM fernet_parallel"
                 plan = "\n".join(r[0] for r in fernet_db.execute("EXPLAIN (COSTS OFF) " + query, (KEY,)))
                 assert ("Gather" in plan) == parallel, plan
