@@ -49,6 +49,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         (max_len,) = conn.execute("SELECT current_setting('log_parameter_max_length')").fetchone()
         (statement,) = conn.execute("SELECT current_setting('log_statement')").fetchone()
         (duration,) = conn.execute("SELECT current_setting('log_min_duration_statement')").fetchone()
+        for table, column, n in conn.execute("SELECT * FROM owui_crypto.unsealed_counts() WHERE unsealed > 0"):
+            problems.append(f"{table}.{column} holds {n} plaintext values written before owui-crypto was "
+                            "installed: run owui-crypto seal-existing")
         if max_len != "0" and (statement != "none" or duration != "-1"):
             problems.append(f"the server logs statements (log_statement={statement}, log_min_duration_statement="
                             f"{duration}) with their parameters (log_parameter_max_length={max_len}): chat text "
@@ -115,6 +118,17 @@ def cmd_forget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_seal_existing(args: argparse.Namespace) -> int:
+    from app_adapter.backfill import seal_existing
+
+    done = seal_existing(_service(args), progress=not args.no_progress)
+    print(f"owui-crypto: sealed {done.rows} rows of {done.users} users")
+    for column, n in done.remaining.items():
+        print(f"owui-crypto: {column}: {n} plaintext values remain; their owners have no key "
+              "(provision them, then run seal-existing again)")
+    return 1 if done.remaining else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from app_adapter.serve import serve  # noqa: PLC0415 - needs open-webui installed
 
@@ -150,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
     p = with_db(add("forget", cmd_forget, "crypto-shred USER_ID: delete their wrapped keys"))
     p.add_argument("user_id")
     p.add_argument("--yes", action="store_true", help="really do it")
+    p = with_db(add("seal-existing", cmd_seal_existing,
+                    "seal chat content written before owui-crypto was installed (one transaction per user)"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = add("serve", cmd_serve, "run Open WebUI with per-user encryption")
     p.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))

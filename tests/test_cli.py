@@ -84,3 +84,29 @@ def test_downgrade_refusal_is_explained(db_url, keyring, app):
     result = owui_crypto("downgrade", "--database-url", db_url)
     assert result.returncode == 1
     assert "sealed values remain" in result.stderr and "Export or delete" in result.stderr
+
+
+def test_seal_existing_seals_plaintext_written_before_install(db_url, kms_server):
+    with psycopg.connect(db_url) as conn:
+        conn.execute('INSERT INTO public."user" (id, email) VALUES (%s, %s), (%s, %s)',
+                     ("old-alice", "a@old", "old-nokey", "n@old"))
+        # Rows from before owui-crypto: written with its triggers off, as they would have been.
+        conn.execute("ALTER TABLE public.chat DISABLE TRIGGER owui_crypto_seal_direct")
+        conn.execute("ALTER TABLE public.chat_message DISABLE TRIGGER owui_crypto_seal_direct")
+        conn.execute("INSERT INTO public.chat (id, user_id, title, chat, meta) VALUES "
+                     "('old1', 'old-alice', 'legacy title', '{\"m\": 1}', '{}'), "
+                     "('old2', 'old-nokey', 'orphan title', NULL, '{}')")
+        conn.execute("INSERT INTO public.chat_message (id, chat_id, role, content) VALUES "
+                     "('old1-m', 'old1', 'user', '\"legacy message\"')")
+        conn.execute("ALTER TABLE public.chat ENABLE TRIGGER owui_crypto_seal_direct")
+        conn.execute("ALTER TABLE public.chat_message ENABLE TRIGGER owui_crypto_seal_direct")
+    assert owui_crypto("provision", "old-alice", "--database-url", db_url).returncode == 0
+    check = owui_crypto("check", "--database-url", db_url)
+    assert check.returncode == 1 and "chat.title holds 2 plaintext values" in check.stdout
+    result = owui_crypto("seal-existing", "--no-progress", "--database-url", db_url)
+    assert "sealed 2 rows of 1 users" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 1 and "chat.title: 1 plaintext values remain" in result.stdout
+    with psycopg.connect(db_url) as conn:
+        rows = dict(conn.execute("SELECT id, title FROM public.chat").fetchall())
+        assert rows["old1"].startswith("oc1:") and rows["old2"] == "orphan title"
+        assert conn.execute("SELECT content::text FROM public.chat_message").fetchone()[0].startswith('"oc1:')
