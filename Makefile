@@ -7,11 +7,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv test demo bench-sql bench-keys services clean
+.PHONY: help venv test e2e demo bench-sql bench-keys services clean
 
 help:
 	@echo "make demo        run the encryption end to end against a throw-away database"
 	@echo "make test        install into .venv and run the test suite on real PostgreSQL"
+	@echo "make e2e         the real Open WebUI 0.12.4 (in .venv-owui) behind owui-crypto serve, end to end"
 	@echo "make bench-sql   SQL Fernet vs Python cryptography, as throughput ratios"
 	@echo "make bench-keys  KMS calls and begin-hook overhead for 1,000 transactions"
 
@@ -28,6 +29,15 @@ services:
 
 test: venv services
 	$(PY) -m pytest
+
+# Open WebUI lives in its own venv (~3 GB, torch CPU wheel first); this
+# project is installed into it editable, with moto (KMS) and pytest.
+OWUI_VENV := .venv-owui
+
+e2e: services
+	bash scripts/owui_env.sh
+	$(OWUI_VENV)/bin/pip install --quiet -e . 'moto[server]' pytest httpx
+	$(OWUI_VENV)/bin/python -m pytest e2e -q
 
 demo: venv services
 	$(PY) scripts/demo.py

@@ -18,10 +18,21 @@ from sqlalchemy.engine import Connection
 VERSION_TABLE = "owui_crypto_alembic_version"
 
 
+def _roots() -> list[Path]:
+    """Where shipped files live: the source tree (a checkout or an editable install),
+    then ``<prefix>/share/owui-crypto`` (a wheel). In a wheel install the package's
+    parent is ``site-packages``, whose ``alembic`` is the Alembic library: it counts
+    as the source tree only if it holds owui-crypto's own ``alembic.ini`` and SQL."""
+    source = Path(__file__).resolve().parent.parent
+    shipped = Path(sys.prefix) / "share" / "owui-crypto"
+    is_tree = (source / "alembic.ini").is_file() and (source / "sql" / "00_foundation.sql").is_file()
+    return [source, shipped] if is_tree else [shipped]
+
+
 def project_file(*parts: str) -> Path:
     """A file shipped with owui-crypto: from the source tree, or installed under
     ``<prefix>/share/owui-crypto`` by a wheel."""
-    for root in (Path(__file__).resolve().parent.parent, Path(sys.prefix) / "share" / "owui-crypto"):
+    for root in _roots():
         candidate = root.joinpath(*parts)
         if candidate.exists():
             return candidate

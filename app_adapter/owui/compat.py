@@ -56,43 +56,32 @@ def installed_from_wheel() -> bool:
         return False
 
 
-def _release(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
-        if not digits:
-            break
-        parts.append(int(digits))
-        if not piece.isdigit():
-            break
-    return tuple(parts)
+def _release(version: str) -> tuple[int, ...] | None:
+    """``'0.12.4'`` -> ``(0, 12, 4)``; None for anything but a final release (``rc``, ``dev``, local...)."""
+    parts = version.strip().split(".")
+    if not all(p.isdigit() for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
+_OPS = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
+        "<": lambda a, b: a < b, ">": lambda a, b: a > b}
 
 
 def version_supported(version: str, spec: str = SUPPORTED) -> bool:
-    """``version`` satisfies ``spec`` (comma-separated ``>=``, ``<``, ``==`` clauses on release numbers)."""
-    try:
-        from packaging.specifiers import SpecifierSet
-        from packaging.version import InvalidVersion, Version
-
-        try:
-            return Version(version) in SpecifierSet(spec)
-        except InvalidVersion:
+    """``version`` is a final release satisfying every comma-separated clause of ``spec``
+    (``>=``, ``<=``, ``==``, ``<``, ``>`` on release numbers). Pre-releases are not supported."""
+    have = _release(version)
+    if have is None:
+        return False
+    for clause in (c.strip() for c in spec.split(",")):
+        op = next(o for o in (">=", "<=", "==", "<", ">") if clause.startswith(o))
+        want = _release(clause[len(op):])
+        assert want is not None, f"bad clause {clause!r} in {spec!r}"
+        width = max(len(have), len(want))
+        if not _OPS[op](have + (0,) * (width - len(have)), want + (0,) * (width - len(want))):
             return False
-    except ImportError:  # packaging is everywhere Open WebUI is; this is a fallback
-        have = _release(version)
-        if not have:
-            return False
-        for clause in spec.split(","):
-            clause = clause.strip()
-            for op, test in ((">=", lambda a, b: a >= b), ("<=", lambda a, b: a <= b), ("==", lambda a, b: a == b),
-                             ("<", lambda a, b: a < b), (">", lambda a, b: a > b)):
-                if clause.startswith(op):
-                    want = _release(clause[len(op):])
-                    width = max(len(have), len(want))
-                    if not test(have + (0,) * (width - len(have)), want + (0,) * (width - len(want))):
-                        return False
-                    break
-        return True
+    return True
 
 
 def check_version() -> str:
@@ -240,7 +229,8 @@ EXPECTED: tuple[Expect, ...] = (
            "user deletion goes through it (models/auths.py:420)", is_async=True, params=("id", "db")),
     Expect("open_webui.models.users:User", "keys are provisioned when its row is inserted",
            test=_table("user", "id", "email")),
-    Expect("open_webui.models.chats:Chat", "it is a protected table", test=_table("chat", "id", "user_id", "title", "chat")),
+    Expect("open_webui.models.chats:Chat", "it is a protected table",
+           test=_table("chat", "id", "user_id", "title", "chat")),
     Expect("open_webui.models.shared_chats:SharedChat", "it is a protected table",
            test=_table("shared_chat", "id", "title", "chat")),
     Expect("open_webui.models.chat_messages:ChatMessage", "its upsert is sent to the base table",

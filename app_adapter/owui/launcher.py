@@ -99,7 +99,7 @@ def run_owui_migrations() -> None:
     """Open WebUI's alembic project, exactly as it would run it at import (config.py:65-83)."""
     from alembic import command
     from alembic.config import Config
-    from open_webui.env import OPEN_WEBUI_DIR
+    from open_webui.env import OPEN_WEBUI_DIR  # imported only now: the environment is prepared
 
     config = Config(str(OPEN_WEBUI_DIR / "alembic.ini"))
     config.set_main_option("script_location", str(OPEN_WEBUI_DIR / "migrations"))
@@ -129,12 +129,16 @@ def serve(host: str, port: int) -> int:
 
     if steps.run_owui_migrations:
         say("running Open WebUI's migrations")
+        step = time.monotonic()
         run_owui_migrations()
+        say(f"Open WebUI's migrations done in {time.monotonic() - step:.1f} s")
     else:
         say("ENABLE_DB_MIGRATIONS=false: not running Open WebUI's migrations")
     say("running owui-crypto's migrations")
+    step = time.monotonic()
     migrate.upgrade(steps.database_url)
     check_drift(steps.database_url)
+    say(f"owui-crypto's migrations done in {time.monotonic() - step:.1f} s")
     keys.share_key()
 
     from app_adapter.owui.lifecycle import reconcile
@@ -196,7 +200,7 @@ def install(keys: Any) -> Any:
     app.dependency_overrides[auth.get_current_user] = binding.acting_dependency(adapter, auth.get_current_user)
     app.dependency_overrides[chats_router.get_optional_verified_user] = binding.acting_dependency(
         adapter, chats_router.get_optional_verified_user)
-    binding.bind_socket_handlers(adapter, socket_main.sio.handlers["/"], socket_main.SESSION_POOL)
+    sockets = binding.bind_socket_handlers(adapter, socket_main.sio.handlers["/"], socket_main.SESSION_POOL)
 
     async def automation_owner(app: Any, automation: Any) -> str | None:
         return automation.user_id
@@ -213,4 +217,6 @@ def install(keys: Any) -> Any:
 
     responses.install_exception_handlers(app)
     app.state.owui_crypto = {"adapter": adapter, "lifecycle": users_lifecycle, "upsert": upsert}
+    say(f"hooked: engines 2, dependencies {len(app.dependency_overrides)}, socket.io handlers {len(sockets)}, "
+        "user creation and deletion, automations, timers, realtime calls, chat_message upsert")
     return responses.RefusalResponses(app)

@@ -116,10 +116,10 @@ class UserLifecycle:
                 return None
             if user.id != user_id or not await asyncio.to_thread(self.has_key, user.id):
                 await delete(user.id)
+                what = "without a key" if user.id == user_id else "with an id not from KMS"
                 raise LifecycleError(
-                    f"Open WebUI created user {user.id} {'without a key' if user.id == user_id else 'with an id not from KMS'}"
-                    "; the user was deleted again. Open WebUI's insert_new_auth changed: this owui-crypto "
-                    "release does not support it.")
+                    f"Open WebUI created user {user.id} {what}; the user was deleted again. Open WebUI's "
+                    "insert_new_auth changed: this owui-crypto release does not support it.")
             self.created += 1
             return user
 
@@ -232,7 +232,8 @@ def reconcile(keys: KeyService) -> Reconciled:
     """Give every user without a key one; forget registrations of users that no longer exist."""
     provisioned, forgotten = [], []
     with psycopg.connect(keys.dsn, autocommit=True) as conn:
-        missing = [r[0] for r in conn.execute('SELECT id FROM public."user" WHERE kms_encrypted_dek IS NULL ORDER BY id')]
+        missing = [r[0] for r in conn.execute(
+            'SELECT id FROM public."user" WHERE kms_encrypted_dek IS NULL ORDER BY id')]
         orphans = [r[0] for r in conn.execute(
             'SELECT k.user_id FROM owui_crypto.user_key k WHERE NOT EXISTS '
             '(SELECT 1 FROM public."user" u WHERE u.id = k.user_id) ORDER BY 1')]

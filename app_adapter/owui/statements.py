@@ -42,9 +42,11 @@ class UpsertRetarget:
     def matches(self, statement: str, context: Any) -> bool:
         compiled = getattr(context, "compiled", None)
         stmt = getattr(compiled, "statement", None)
-        return (isinstance(stmt, PgInsert) and stmt.table is self.table
-                and isinstance(stmt._post_values_clause, OnConflictDoNothing)
-                and statement.startswith(self.prefix))
+        if not isinstance(stmt, PgInsert) or not isinstance(stmt._post_values_clause, OnConflictDoNothing):
+            return False
+        # The ORM hands over an annotated copy of the table: compare what it names.
+        table = stmt.table
+        return (table.name, table.schema) == (self.table.name, self.table.schema) and statement.startswith(self.prefix)
 
     def __call__(self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
                  executemany: bool) -> tuple[str, Any]:

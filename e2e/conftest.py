@@ -1,0 +1,195 @@
+"""End-to-end harness: the real Open WebUI, started by ``owui-crypto serve``.
+
+Runs in ``.venv-owui`` (open-webui 0.12.4 + this project; ``make e2e``).
+One session brings up, and tears down:
+
+* a throw-away PostgreSQL database on the server ``app_adapter.devdb``
+  finds, with ``log_statement = all`` and ``log_parameter_max_length = 0``
+  set on it (``ALTER DATABASE``, as superuser);
+* moto as KMS over HTTP (``tests.kms_fixtures``: one HMAC_512 and one
+  SYMMETRIC_DEFAULT key; boto3 pointed at it by its standard variables);
+* a stub OpenAI-compatible model on loopback (``e2e.llm_stub``), so chat
+  completions run for real;
+* ``owui-crypto serve`` as a subprocess on a free loopback port, offline.
+
+Start-up time and the suite's run time are printed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from psycopg import sql
+
+from app_adapter import devdb
+from e2e.llm_stub import LlmStub
+from tests.kms_fixtures import kms_server  # noqa: F401  (fixture: moto's KMS over HTTP)
+from tests.serverlog import LogWindow, server_log_path
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT = float(os.environ.get("E2E_STARTUP_TIMEOUT", "300"))
+TIMINGS: dict[str, float] = {}
+_SESSION_STARTED = time.monotonic()
+
+#: Open WebUI started offline: no model downloads, no version check, no LLM backends.
+OFFLINE_ENV = {
+    "OFFLINE_MODE": "true",
+    "HF_HUB_OFFLINE": "1",
+    "ENABLE_OLLAMA_API": "false",
+    "RAG_EMBEDDING_ENGINE": "openai",
+    "BYPASS_EMBEDDING_AND_RETRIEVAL": "true",
+    "ENABLE_VERSION_UPDATE_CHECK": "false",
+    "ENABLE_API_KEYS": "true",
+    "BYPASS_MODEL_ACCESS_CONTROL": "true",  # every user may use the stub model
+    "GLOBAL_LOG_LEVEL": "INFO",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Owui:
+    """The running server."""
+
+    base_url: str
+    database: str
+    database_url: str  # libpq URL, superuser
+    log_path: Path
+    process: subprocess.Popen
+    env: dict[str, str] = field(repr=False)
+    startup_seconds: float = 0.0
+
+    def client(self, token: str | None = None, **kw) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60, **kw)
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def sql(self, query: str, params: tuple | dict | None = None) -> list[tuple]:
+        """As superuser on the base tables (plain search_path): what a database reader sees."""
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[devdb.Server]:
+    server = devdb.find_server()
+    yield server
+    if server.keepalive is not None:
+        server.keepalive.stop()
+
+
+@pytest.fixture(scope="session")
+def e2e_database(pg_server: devdb.Server) -> Iterator[str]:
+    name = pg_server.create_database("owui_crypto_e2e")
+    with pg_server.connect() as conn:  # superuser-only settings, on this database only
+        conn.execute(sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("ALTER DATABASE {} SET log_parameter_max_length = 0").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def pg_log(pg_server: devdb.Server) -> LogWindow:
+    """The PostgreSQL server log from before Open WebUI first connects."""
+    with pg_server.connect() as conn:
+        return LogWindow(server_log_path(conn))
+
+
+@pytest.fixture(scope="session")
+def llm() -> Iterator[LlmStub]:
+    with LlmStub() as stub:
+        yield stub
+
+
+@pytest.fixture(scope="session")
+def owui(pg_server: devdb.Server, e2e_database: str, kms_server, pg_log: LogWindow,  # noqa: F811
+         llm: LlmStub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Owui]:
+    workdir = tmp_path_factory.mktemp("owui")
+    port = free_port()
+    url = pg_server.url(e2e_database)
+    env = {**os.environ, **OFFLINE_ENV,
+           "DATABASE_URL": url,  # plain postgresql://: serve normalises it to psycopg 3
+           "WEBUI_SECRET_KEY": "e2e-" + os.urandom(24).hex(),
+           "DATA_DIR": str(workdir / "data"),
+           "ENABLE_OPENAI_API": "true", "OPENAI_API_BASE_URLS": llm.base_url, "OPENAI_API_KEYS": "e2e-stub",
+           "PYTHONUNBUFFERED": "1"}
+    for name in ("DATABASE_SCHEMA", "UVICORN_WORKERS", "ENABLE_DB_MIGRATIONS", "DATABASE_TYPE"):
+        env.pop(name, None)
+    log_path = workdir / "serve.log"
+    log_file = log_path.open("wb")
+    cli = Path(sys.executable).with_name("owui-crypto")
+    started = time.monotonic()
+    process = subprocess.Popen([str(cli), "serve", "--host", "127.0.0.1", "--port", str(port)],
+                               env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
+    handle = Owui(f"http://127.0.0.1:{port}", e2e_database, url, log_path, process, env)
+    try:
+        _wait_healthy(handle, started)
+        handle.startup_seconds = time.monotonic() - started
+        TIMINGS["owui_startup_s"] = handle.startup_seconds
+        for key, pattern in (("owui_import_s", r"Open WebUI imported in ([\d.]+) s"),
+                             ("serve_ready_s", r"ready to serve after ([\d.]+) s")):
+            match = re.search(pattern, handle.log())
+            if match:
+                TIMINGS[key] = float(match.group(1))
+        yield handle
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log_file.close()
+        kept = Path(tempfile.gettempdir()) / "owui-crypto-e2e-serve.log"
+        kept.write_bytes(log_path.read_bytes())  # for a look after the run
+
+
+def _wait_healthy(handle: Owui, started: float) -> None:
+    while time.monotonic() - started < STARTUP_TIMEOUT:
+        if handle.process.poll() is not None:
+            raise AssertionError(f"owui-crypto serve exited with {handle.process.returncode}:\n{handle.log()[-6000:]}")
+        try:
+            if httpx.get(handle.base_url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"Open WebUI not healthy after {STARTUP_TIMEOUT:.0f} s:\n{handle.log()[-6000:]}")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+    TIMINGS["suite_s"] = time.monotonic() - _SESSION_STARTED
+    terminalreporter.write_sep("=", "owui-crypto e2e timings")
+    labels = {"owui_startup_s": "Open WebUI start-up (spawn to /health 200)",
+              "owui_import_s": "  of which: importing open_webui.main",
+              "serve_ready_s": "  of which: serve() until hooks installed",
+              "signup_s": "sign-up (POST /api/v1/auths/signup, incl. KMS + PBKDF2)",
+              "get_chat_ms": "GET /api/v1/chats/{id}, median of 30",
+              "list_chats_ms": "GET /api/v1/chats/list, median of 30",
+              "search_ms": "GET /api/v1/chats/search?text=, median of 30",
+              "suite_s": "e2e suite run time"}
+    for key, label in labels.items():
+        if key in TIMINGS:
+            unit = "ms" if key.endswith("_ms") else "s"
+            terminalreporter.write_line(f"{label}: {TIMINGS[key]:.1f} {unit}")
