@@ -463,15 +463,16 @@ def test_shared_folder_members_read_placeholders_and_cannot_write(world: World) 
         ok(c.delete(f"/api/v1/folders/{folder['id']}"))
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: an admin turning a 'continue' share back into a snapshot copies "
-                   "the live chat as the admin reads it (placeholders) into the snapshot; the share key is active, "
-                   "so nothing refuses the write. Needs the SQL to refuse sealing a placeholder (see docs).")
 def test_admin_changing_a_continue_share_keeps_the_owners_snapshot(world: World) -> None:
+    """Only a chat's owner may write its share (policy: shared_chat's owner is the chat's owner): an admin,
+    who reads placeholders, is refused instead of snapshotting them over the share."""
     alice, bob, chat = world.alice, world.bob, world.bob.chats[1]
     with world.client(bob) as c:
         share_id = ok(c.post(f"/api/v1/chats/{chat.id}/share", json={"share_mode": "continue"})).json()["share_id"]
     with world.client(alice) as admin:
-        ok(admin.post(f"/api/v1/chats/shared/{chat.id}/access/update", json={"access_grants": [], "share_mode": None}))
+        refused = admin.post(f"/api/v1/chats/shared/{chat.id}/access/update",
+                             json={"access_grants": [], "share_mode": None})
+    assert refused.status_code in (403, 409), refused.text
     with world.client(bob) as c:
         assert ok(c.get(f"/api/v1/chats/share/{share_id}")).json()["title"] == chat.title
 

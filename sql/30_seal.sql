@@ -24,12 +24,32 @@ RETURN owui_crypto.hmac(pg_catalog.convert_to('owui-crypto value v1' || pg_catal
                         master, 'sha256');
 
 -- The key this transaction seals with for a row of kind `kind` owned by
--- `owner`, as 'key id:hex key'. Fails closed, naming what is missing.
+-- `owner`, as 'key id:hex key'. Fails closed, naming what is missing. A row
+-- sealed under the share key may still have an owner (its policy names one):
+-- then only that owner may write it. The generator passes '' for such a row
+-- whose owner cannot be found, so that it fails like any other stranger.
 CREATE FUNCTION owui_crypto.sealing_key(kind owui_crypto.key_kind, owner text, binding text) RETURNS text
 LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 DECLARE
     active text;
 BEGIN
+    IF kind = 'owner' OR owner IS NOT NULL THEN
+        active := pg_catalog.current_setting('owui_crypto.user_id', true);
+        IF active IS NULL OR active = '' THEN
+            RAISE EXCEPTION 'no user key is active: cannot seal %', binding
+                USING ERRCODE = 'OC001',
+                      HINT = 'Bind the acting user so the adapter activates their key (owui_crypto.activate).';
+        END IF;
+        IF owner IS NULL THEN
+            RAISE EXCEPTION 'the row has no owner: cannot seal %', binding
+                USING ERRCODE = 'OC002', HINT = 'Write the owning row (for a message: its chat) first.';
+        END IF;
+        IF owner <> active THEN
+            RAISE EXCEPTION 'user % is not the owner (%) of the row: cannot seal %', active, owner, binding
+                USING ERRCODE = 'OC002',
+                      HINT = 'Only the owner can write sealed content; their key is needed.';
+        END IF;
+    END IF;
     IF kind = 'share' THEN
         active := pg_catalog.current_setting('owui_crypto.share_key', true);
         IF active IS NULL OR active = '' THEN
@@ -38,21 +58,6 @@ BEGIN
                       HINT = 'Activate the deployment share key (owui_crypto.activate) before writing shared content.';
         END IF;
         RETURN pg_catalog.current_setting('owui_crypto.share_key_id') || ':' || active;
-    END IF;
-    active := pg_catalog.current_setting('owui_crypto.user_id', true);
-    IF active IS NULL OR active = '' THEN
-        RAISE EXCEPTION 'no user key is active: cannot seal %', binding
-            USING ERRCODE = 'OC001',
-                  HINT = 'Bind the acting user so the adapter activates their key (owui_crypto.activate).';
-    END IF;
-    IF owner IS NULL THEN
-        RAISE EXCEPTION 'the row has no owner: cannot seal %', binding
-            USING ERRCODE = 'OC002', HINT = 'Write the owning row (for a message: its chat) first.';
-    END IF;
-    IF owner <> active THEN
-        RAISE EXCEPTION 'user % is not the owner (%) of the row: cannot seal %', active, owner, binding
-            USING ERRCODE = 'OC002',
-                  HINT = 'Only the owner can write sealed content; their key is needed.';
     END IF;
     RETURN pg_catalog.current_setting('owui_crypto.user_key_id') || ':'
            || pg_catalog.current_setting('owui_crypto.user_key');

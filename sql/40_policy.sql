@@ -9,7 +9,9 @@ CREATE TABLE owui_crypto.protected_table (
     key_kind     owui_crypto.key_kind NOT NULL,
     owner_column name,                     -- the owner's user id, or the parent's row id (see owner_parent)
     owner_parent name REFERENCES owui_crypto.protected_table,  -- the owner is the parent row's owner
-    CHECK ((key_kind = 'share') = (owner_column IS NULL)),
+    -- Rows sealed under their owner's key need an owner; rows sealed under the
+    -- share key may name one, and then only that owner may write them.
+    CHECK (key_kind = 'share' OR owner_column IS NOT NULL),
     CHECK (owner_parent IS NULL OR owner_column IS NOT NULL)
 );
 
@@ -28,8 +30,9 @@ INSERT INTO owui_crypto.protected_table (table_name, row_id, key_kind, owner_col
     -- A message belongs to its chat's owner, not to its author.
     ('chat_message', 'id', 'owner', 'chat_id', 'chat'),
     -- Shares exist to be read by others: one deployment-wide share key keeps
-    -- them out of dumps without breaking sharing.
-    ('shared_chat',  'id', 'share', NULL,      NULL);
+    -- them out of dumps without breaking sharing. Only the chat's owner may
+    -- write one: anyone else would snapshot placeholders over it.
+    ('shared_chat',  'id', 'share', 'chat_id', 'chat');
 
 INSERT INTO owui_crypto.protected_column (table_name, column_name, placeholder) VALUES
     ('chat', 'title',   '[encrypted]'),

@@ -40,10 +40,12 @@ BEGIN ATOMIC
 END;
 
 -- SQL expressions for one protected column; `rec` is NEW, OLD or the view's alias.
-CREATE FUNCTION owui_crypto.open_sql(family text, rec text, col name, binding text, placeholder text) RETURNS text
+CREATE FUNCTION owui_crypto.open_sql(family text, type_sql text, rec text, col name, binding text, placeholder text)
+RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = ''
 RETURN CASE family
-    WHEN 'text'  THEN pg_catalog.format('owui_crypto.open_text(%s.%I, %s, %L)', rec, col, binding, placeholder)
+    WHEN 'text'  THEN pg_catalog.format('owui_crypto.open_text(%s.%I::text, %s, %L)::%s', rec, col, binding, placeholder,
+                                        type_sql)
     WHEN 'json'  THEN pg_catalog.format('owui_crypto.open_json(%s.%I, %s, %L::json)', rec, col, binding, placeholder)
     WHEN 'jsonb' THEN pg_catalog.format('owui_crypto.open_json(%s.%I::json, %s, %L::json)::jsonb', rec, col, binding, placeholder)
 END;
@@ -106,7 +108,7 @@ BEGIN
             USING ERRCODE = 'OC011', HINT = 'Open WebUI changed its schema: update sql/40_policy.sql.';
     END LOOP;
 
-    IF policy.key_kind = 'owner' THEN
+    IF policy.owner_column IS NOT NULL THEN
         owner_moved_sql := pg_catalog.format('NEW.%1$I IS DISTINCT FROM OLD.%1$I', policy.owner_column);
         IF policy.owner_parent IS NULL THEN
             owner_sql := pg_catalog.format('NEW.%I::text', policy.owner_column);
@@ -114,6 +116,9 @@ BEGIN
             SELECT * INTO STRICT parent FROM owui_crypto.protected_table WHERE table_name = policy.owner_parent;
             owner_sql := pg_catalog.format('(SELECT p.%I::text FROM public.%I AS p WHERE p.%I = NEW.%I)',
                                            parent.owner_column, parent.table_name, parent.row_id, policy.owner_column);
+        END IF;
+        IF policy.key_kind = 'share' THEN
+            owner_sql := 'COALESCE(' || owner_sql || ', '''')';  -- see owui_crypto.sealing_key()
         END IF;
     END IF;
 
@@ -131,7 +136,7 @@ BEGIN
         END IF;
         binding := pg_catalog.format('%L || %s.%I::text', p_table || '.' || c.column_name || '/', '%s', policy.row_id);
         protected_cols := protected_cols || pg_catalog.quote_ident(c.column_name);
-        select_list := select_list || (owui_crypto.open_sql(c.family, 't', c.column_name,
+        select_list := select_list || (owui_crypto.open_sql(c.family, c.type_sql, 't', c.column_name,
                                            pg_catalog.format(binding, 't'), c.placeholder)
                                        || ' AS ' || pg_catalog.quote_ident(c.column_name));
         insert_vals := insert_vals || owui_crypto.seal_sql(c.family, c.column_name, policy.key_kind, pg_catalog.format(binding, 'NEW'));
@@ -212,10 +217,11 @@ $body$;
 $f$,
         'seal_direct_' || p_table, p_table, pg_catalog.array_to_string(plaintext_tests, ' OR '),
         owner_sql, direct_seals);
+    -- No UPDATE OF column list: it would make the columns depend on the
+    -- trigger, and Open WebUI's own migrations could not drop or retype them.
     EXECUTE pg_catalog.format(
-        'CREATE OR REPLACE TRIGGER owui_crypto_seal_direct BEFORE INSERT OR UPDATE OF %s ON %s '
-        'FOR EACH ROW EXECUTE FUNCTION owui_crypto.%I()',
-        pg_catalog.array_to_string(protected_cols, ', '), base, 'seal_direct_' || p_table);
+        'CREATE OR REPLACE TRIGGER owui_crypto_seal_direct BEFORE INSERT OR UPDATE ON %s '
+        'FOR EACH ROW EXECUTE FUNCTION owui_crypto.%I()', base, 'seal_direct_' || p_table);
 END
 $gen$;
 
@@ -234,8 +240,25 @@ BEGIN
         -- points (activate, register_*, forget_user_key) are SECURITY DEFINER.
         EXECUTE pg_catalog.format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA owui_crypto TO %I', grantee);
         EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION owui_crypto.refresh(), owui_crypto.generate(name), '
-                                  'owui_crypto.grant_runtime(), owui_crypto.assert_no_sealed_data() FROM %I', grantee);
+                                  'owui_crypto.grant_runtime(), owui_crypto.assert_no_sealed_data(), owui_crypto.detach() FROM %I', grantee);
     END LOOP;
+END
+$$;
+
+-- Drops the generated views, so that Open WebUI's own migrations can drop or
+-- retype columns of the protected tables; refresh() builds them again. The
+-- base tables keep their seal triggers meanwhile: nothing is written unsealed.
+CREATE FUNCTION owui_crypto.detach() RETURNS integer
+LANGUAGE plpgsql VOLATILE SET search_path = '' AS $$
+DECLARE
+    t name;
+    n integer := 0;
+BEGIN
+    FOR t IN SELECT p.table_name FROM owui_crypto.protected_table p LOOP
+        EXECUTE pg_catalog.format('DROP VIEW IF EXISTS owui_crypto_view.%I CASCADE', t);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
 END
 $$;
 

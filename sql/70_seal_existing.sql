@@ -34,8 +34,9 @@ RETURN pg_catalog.format(CASE family WHEN 'jsonb' THEN '(%1$s.%2$I IS NOT NULL A
                                      ELSE '(%1$s.%2$I IS NOT NULL AND NOT owui_crypto.is_sealed(%1$s.%2$I))' END,
                          rec, col);
 
--- Seals the plaintext values of p_owner's rows (NULL: of the share-key
--- tables) with the key this transaction holds. Returns the rows rewritten.
+-- Seals the plaintext values of p_owner's rows (NULL: of the tables whose
+-- rows have no owner) with the keys this transaction holds. Returns the rows
+-- rewritten.
 CREATE FUNCTION owui_crypto.seal_existing(p_owner text) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SET search_path = '' AS $$
 DECLARE
@@ -48,15 +49,15 @@ DECLARE
     total bigint := 0;
 BEGIN
     FOR p IN SELECT * FROM owui_crypto.protected_table ORDER BY owner_parent NULLS FIRST, table_name LOOP
-        CONTINUE WHEN (p.key_kind = 'share') <> (p_owner IS NULL);
+        CONTINUE WHEN (p.owner_column IS NULL) <> (p_owner IS NULL);
         SELECT pg_catalog.string_agg(pg_catalog.format('%1$I = t.%1$I', b.column_name), ', '),
                pg_catalog.string_agg(owui_crypto.unsealed_sql(b.family, 't', b.column_name), ' OR ')
           INTO sets, unsealed
           FROM owui_crypto.columns_of(p.table_name) b WHERE b.protected;
         owned := 'true';
-        IF p.key_kind = 'owner' AND p.owner_parent IS NULL THEN
+        IF p.owner_column IS NOT NULL AND p.owner_parent IS NULL THEN
             owned := pg_catalog.format('t.%I = %L', p.owner_column, p_owner);
-        ELSIF p.key_kind = 'owner' THEN
+        ELSIF p.owner_column IS NOT NULL THEN
             SELECT * INTO STRICT parent FROM owui_crypto.protected_table WHERE table_name = p.owner_parent;
             owned := pg_catalog.format('t.%I IN (SELECT q.%I FROM public.%I AS q WHERE q.%I = %L)',
                                        p.owner_column, parent.row_id, parent.table_name, parent.owner_column, p_owner);

@@ -152,3 +152,20 @@ def test_nothing_is_granted_to_public_and_definers_pin_search_path(app):
     definers = app.execute("SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
                            " WHERE n.nspname = 'owui_crypto' AND p.prosecdef").fetchone()[0]
     assert definers >= 8
+
+
+def test_detach_lets_open_webui_drop_and_retype_columns(app, db_url):
+    """Open WebUI's own migrations may drop or retype columns the views (or triggers) would pin."""
+    with pytest.raises(psycopg.errors.DependentObjectsStillExist):
+        app.execute("ALTER TABLE public.chat DROP COLUMN last_read_at")
+    app.rollback()
+    app.execute("SELECT owui_crypto.detach()")
+    app.execute("ALTER TABLE public.chat DROP COLUMN last_read_at")
+    app.execute("ALTER TABLE public.chat ALTER COLUMN summary TYPE varchar")
+    app.commit()
+    assert {t for t, _ in app.execute("SELECT * FROM owui_crypto.drift()")} == {"chat", "chat_message", "shared_chat"}
+    app.execute("SELECT owui_crypto.refresh()")
+    app.commit()
+    assert app.execute("SELECT count(*) FROM owui_crypto.drift()").fetchone() == (0,)
+    assert "last_read_at" not in [r[0] for r in app.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'owui_crypto_view.chat'::regclass")]

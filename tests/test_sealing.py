@@ -294,3 +294,27 @@ def test_views_work_under_forced_parallel_plans(app, keyring):
     app.execute("SET LOCAL parallel_tuple_cost = 0")
     titles = [r[0] for r in app.execute("SELECT title FROM chat ORDER BY title")]
     assert titles[0] == "parallel 0" and len(titles) == 20
+
+
+def test_only_the_chats_owner_writes_its_share(app, keyring):
+    alice, bob = keyring.user(), keyring.user()
+    keyring.activate(app, alice)
+    chat_id = insert_chat(app, alice, "alice shares", [("user", "x")])
+    app.execute("INSERT INTO shared_chat (id, chat_id, user_id, title, chat) SELECT 's2', id, user_id, title, chat"
+                " FROM chat WHERE id = %s", (chat_id,))
+    app.commit()
+    before = raw(app, "shared_chat", "chat", "s2")
+    # Bob (say, an admin) reads placeholders for the chat: he must not snapshot them over the share.
+    keyring.activate(app, bob)
+    with pytest.raises(psycopg.Error) as excinfo:
+        app.execute("UPDATE shared_chat SET (title, chat) = (SELECT title, chat FROM chat WHERE id = %s)"
+                    " WHERE id = 's2'", (chat_id,))
+    assert sqlstate_of(excinfo) == "OC002"
+    app.rollback()
+    keyring.activate(app, bob)
+    with pytest.raises(psycopg.Error) as excinfo:
+        app.execute("INSERT INTO shared_chat (id, chat_id, user_id, title, chat) VALUES ('s3', %s, %s, 'x', '{}')",
+                    (chat_id, bob))
+    assert sqlstate_of(excinfo) == "OC002"
+    app.rollback()
+    assert raw(app, "shared_chat", "chat", "s2") == before

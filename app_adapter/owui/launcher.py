@@ -95,15 +95,45 @@ def plan(environ: MutableMapping[str, str]) -> Plan:
     return Plan(url, version, run_owui)
 
 
-def run_owui_migrations() -> None:
-    """Open WebUI's alembic project, exactly as it would run it at import (config.py:65-83)."""
-    from alembic import command
+def owui_alembic_config() -> Any:
     from alembic.config import Config
     from open_webui.env import OPEN_WEBUI_DIR  # imported only now: the environment is prepared
 
     config = Config(str(OPEN_WEBUI_DIR / "alembic.ini"))
     config.set_main_option("script_location", str(OPEN_WEBUI_DIR / "migrations"))
-    command.upgrade(config, "head")
+    return config
+
+
+def owui_migrations_pending(url: str) -> bool:
+    """True when Open WebUI's schema is behind the installed Open WebUI (an upgrade is about to migrate)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine, pool
+
+    heads = set(ScriptDirectory.from_config(owui_alembic_config()).get_heads())
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return set(MigrationContext.configure(conn).get_current_heads()) != heads
+    finally:
+        engine.dispose()
+
+
+def detach_views(url: str) -> bool:
+    """Drop owui-crypto's views (if installed) so Open WebUI's migrations may drop or retype columns.
+    The base tables keep sealing; ``migrate.upgrade`` builds the views again right after."""
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True) as conn:
+        if conn.execute("SELECT to_regprocedure('owui_crypto.detach()') IS NULL").fetchone()[0]:
+            return False
+        conn.execute("SELECT owui_crypto.detach()")
+    return True
+
+
+def run_owui_migrations() -> None:
+    """Open WebUI's alembic project, exactly as it would run it at import (config.py:65-83)."""
+    from alembic import command
+
+    command.upgrade(owui_alembic_config(), "head")
 
 
 def check_drift(url: str) -> None:
@@ -128,6 +158,9 @@ def serve(host: str, port: int) -> int:
     say(f"KMS keys: {keys.kms.check_keys()}")
 
     if steps.run_owui_migrations:
+        if owui_migrations_pending(steps.database_url) and detach_views(steps.database_url):
+            say("Open WebUI's schema is about to change: dropped the decrypting views until it has "
+                "(the tables keep sealing; other instances read ciphertext meanwhile)")
         say("running Open WebUI's migrations")
         step = time.monotonic()
         run_owui_migrations()
