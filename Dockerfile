@@ -1,5 +1,5 @@
 # Open WebUI with owui-crypto: the official image, plus this project, started by `owui-crypto serve`.
-# Documentation as much as a build file (see docs/owui-integration.md, "Container"):
+# Documentation as much as a build file (see README.md, "Container"):
 #
 #   docker build -t owui-crypto:0.12.4 .
 #   docker run -p 8080:8080 \

@@ -7,10 +7,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv test e2e demo bench-sql bench-keys services clean
+.PHONY: help venv owui-venv test e2e demo demo-core bench-sql bench-keys services clean
 
 help:
-	@echo "make demo        run the encryption end to end against a throw-away database"
+	@echo "make demo        Open WebUI with owui-crypto on a throw-away local stack: the API's chat beside the sealed row"
+	@echo "make demo-core   the SQL core and the adapter alone (no Open WebUI; quick)"
 	@echo "make test        install into .venv and run the test suite on real PostgreSQL"
 	@echo "make e2e         the real Open WebUI 0.12.4 (in .venv-owui) behind owui-crypto serve, end to end"
 	@echo "make bench-sql   SQL Fernet vs Python cryptography, as throughput ratios"
@@ -34,13 +35,18 @@ test: venv services
 # project is installed into it editable, with moto (KMS) and pytest.
 OWUI_VENV := .venv-owui
 
-e2e: services
+owui-venv:
 	bash scripts/owui_env.sh
 	$(OWUI_VENV)/bin/pip install --quiet -e . 'moto[server]' pytest httpx
+
+e2e: owui-venv services
 	$(OWUI_VENV)/bin/python -m pytest e2e -q
 
-demo: venv services
-	$(PY) scripts/demo.py
+demo: owui-venv services
+	$(OWUI_VENV)/bin/python scripts/demo.py
+
+demo-core: venv services
+	$(PY) scripts/demo_core.py
 
 bench-sql: venv services
 	$(PY) scripts/bench_sql.py
