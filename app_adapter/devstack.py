@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -83,3 +84,14 @@ def local_stack(prefix: str = "owui_crypto_demo") -> Iterator[Stack]:
         install_owui_schema(server.url(name))
         migrate.upgrade(server.url(name))
         yield Stack(server, name, endpoint, Settings.from_env())
+
+
+def side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 58) -> None:
+    """Print two texts in two wrapped columns (the demos' "as read" beside "as stored")."""
+    lw = textwrap.wrap(left, width, break_on_hyphens=False) or [""]
+    rw = textwrap.wrap(right, width, break_on_hyphens=False) or [""]
+    print(f"  {left_title:<{width}} | {right_title}")
+    print(f"  {'-' * width} | {'-' * width}")
+    for i in range(max(len(lw), len(rw))):
+        print(f"  {lw[i] if i < len(lw) else '':<{width}} | {rw[i] if i < len(rw) else ''}")
+    print()

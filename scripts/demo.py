@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -25,23 +24,12 @@ import httpx
 import psycopg
 
 from app_adapter import devdb
-from app_adapter.devstack import kms_emulator
+from app_adapter.devstack import kms_emulator, side_by_side
 
-WIDTH = 58
 EMAIL, PASSWORD = "demo@example.com", "demo-password-1"
 OFFLINE = {"OFFLINE_MODE": "true", "HF_HUB_OFFLINE": "1", "ENABLE_OLLAMA_API": "false",
            "ENABLE_OPENAI_API": "false", "RAG_EMBEDDING_ENGINE": "openai", "BYPASS_EMBEDDING_AND_RETRIEVAL": "true",
            "ENABLE_VERSION_UPDATE_CHECK": "false", "PYTHONUNBUFFERED": "1"}
-
-
-def side_by_side(left_title: str, left: str, right_title: str, right: str) -> None:
-    lw = textwrap.wrap(left, WIDTH, break_on_hyphens=False) or [""]
-    rw = textwrap.wrap(right, WIDTH, break_on_hyphens=False) or [""]
-    print(f"  {left_title:<{WIDTH}} | {right_title}")
-    print(f"  {'-' * WIDTH} | {'-' * WIDTH}")
-    for i in range(max(len(lw), len(rw))):
-        print(f"  {lw[i] if i < len(lw) else '':<{WIDTH}} | {rw[i] if i < len(rw) else ''}")
-    print()
 
 
 def free_port() -> int:

@@ -13,26 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import textwrap
 
 import psycopg
 import sqlalchemy as sa
 
-from app_adapter.devstack import local_stack
+from app_adapter.devstack import local_stack, side_by_side
 from app_adapter.hook import Adapter
 from app_adapter.keys import KeyService
 
-WIDTH = 60
-
-
-def side_by_side(left_title: str, left: str, right_title: str, right: str) -> None:
-    lw = textwrap.wrap(left, WIDTH, break_on_hyphens=False) or [""]
-    rw = textwrap.wrap(right, WIDTH, break_on_hyphens=False) or [""]
-    print(f"  {left_title:<{WIDTH}} | {right_title}")
-    print(f"  {'-' * WIDTH} | {'-' * WIDTH}")
-    for i in range(max(len(lw), len(rw))):
-        print(f"  {lw[i] if i < len(lw) else '':<{WIDTH}} | {rw[i] if i < len(rw) else ''}")
-    print()
 
 
 def main() -> int:

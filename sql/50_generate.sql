@@ -287,6 +287,11 @@ BEGIN ATOMIC
      WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped;
 END;
 
+CREATE FUNCTION owui_crypto.trigger_enabled(rel regclass, trigger_name name) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = ''
+RETURN EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+                WHERE g.tgrelid = rel AND g.tgname = trigger_name AND g.tgenabled <> 'D');
+
 -- Where the live objects no longer match the policy and the base tables.
 -- Empty means healthy.
 CREATE FUNCTION owui_crypto.drift() RETURNS TABLE (table_name name, problem text)
@@ -316,14 +321,12 @@ BEGIN
         IF base_cols IS DISTINCT FROM view_cols THEN
             problem := pg_catalog.format('view columns (%s) differ from the base table (%s)', view_cols, base_cols); RETURN NEXT;
         END IF;
-        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
-                        WHERE g.tgrelid = pg_catalog.format('owui_crypto_view.%I', p.table_name)::pg_catalog.regclass
-                          AND g.tgname = 'owui_crypto_write_through' AND g.tgenabled <> 'D') THEN
+        IF NOT owui_crypto.trigger_enabled(pg_catalog.format('owui_crypto_view.%I', p.table_name)::pg_catalog.regclass,
+                                           'owui_crypto_write_through') THEN
             problem := 'write-through trigger on the view is missing or disabled'; RETURN NEXT;
         END IF;
-        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
-                        WHERE g.tgrelid = pg_catalog.format('public.%I', p.table_name)::pg_catalog.regclass
-                          AND g.tgname = 'owui_crypto_seal_direct' AND g.tgenabled <> 'D') THEN
+        IF NOT owui_crypto.trigger_enabled(pg_catalog.format('public.%I', p.table_name)::pg_catalog.regclass,
+                                           'owui_crypto_seal_direct') THEN
             problem := 'seal trigger on the base table is missing or disabled'; RETURN NEXT;
         END IF;
     END LOOP;

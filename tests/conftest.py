@@ -20,7 +20,7 @@ from tests.keyring import Keyring
 FIXTURES = Path(__file__).parent / "fixtures"
 OWUI_SCHEMA = FIXTURES / "owui_0_12_4_schema.sql"
 
-pytest_plugins = ["tests.kms_fixtures"]
+pytest_plugins = ["tests.kms_fixtures", "tests.pgbouncer"]
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +68,16 @@ def conn(db_url: str) -> Iterator[psycopg.Connection]:
 @pytest.fixture
 def keyring(db_url: str) -> Keyring:
     return Keyring(db_url)
+
+
+@pytest.fixture
+def service(kms_server, db_url: str) -> Iterator:
+    """The adapter's KeyService on this test's database, with moto as KMS."""
+    from app_adapter.keys import KeyService
+
+    svc = KeyService(kms_server.settings(), db_url)
+    yield svc
+    svc.kms.close()
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, mapped_column
 
 from app_adapter import errors
-from app_adapter.keys import KeyService
 from app_adapter.owui import lifecycle
 
 
@@ -32,13 +31,6 @@ class User(Base):
     email = mapped_column(Text)
     name = mapped_column(Text)
     role = mapped_column(Text)
-
-
-@pytest.fixture
-def service(kms_server, db_url):
-    svc = KeyService(kms_server.settings(), db_url)
-    yield svc
-    svc.kms.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ BEGIN
     END LOOP;
 END
 $$;
-DROP FUNCTION owui_crypto.refresh(), owui_crypto.detach(), owui_crypto.drift(), owui_crypto.column_signature(regclass), owui_crypto.assert_no_sealed_data(),
+DROP FUNCTION owui_crypto.refresh(), owui_crypto.detach(), owui_crypto.drift(), owui_crypto.column_signature(regclass), owui_crypto.trigger_enabled(regclass, name), owui_crypto.assert_no_sealed_data(),
     owui_crypto.grant_runtime(), owui_crypto.generate(name), owui_crypto.columns_of(name),
     owui_crypto.open_sql(text, text, text, name, text, text), owui_crypto.seal_sql(text, name, owui_crypto.key_kind, text),
     owui_crypto.unchanged_sql(text, name), owui_crypto.plaintext_sql(text, name);
