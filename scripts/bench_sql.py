@@ -118,7 +118,7 @@ def main() -> int:
                         help="value sizes in bytes, comma-separated (default: 1 KiB, 16 KiB, 256 KiB)")
     parser.add_argument("--seconds", type=float, default=0.5,
                         help="least duration of one SQL measurement (default: 0.5)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best counts (default: 3)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per measurement; the best counts (default: 5)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
