@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 import secrets
-import time
-import uuid
 from dataclasses import dataclass, field
 
 import httpx
+
+from tests import owui
 
 
 def words(label: str) -> str:
@@ -25,21 +25,9 @@ def tokens(text: str) -> list[str]:
 
 
 def chat_document(title: str, texts: list[str]) -> dict:
-    """A chat as the web client posts it: history.messages (a tree) plus the legacy list."""
-    messages, legacy, parent = {}, [], None
-    for i, text in enumerate(texts):
-        mid = str(uuid.uuid4())
-        message = {"id": mid, "parentId": parent, "childrenIds": [], "role": "user" if i % 2 == 0 else "assistant",
-                   "content": text, "timestamp": int(time.time())}
-        if i % 2:
-            message["model"] = "e2e-model"
-        if parent:
-            messages[parent]["childrenIds"].append(mid)
-        messages[mid] = message
-        legacy.append(message)
-        parent = mid
-    return {"title": title, "models": ["e2e-model"], "history": {"messages": messages, "currentId": parent},
-            "messages": legacy, "tags": [], "params": {}, "timestamp": int(time.time() * 1000)}
+    """A chat as the web client posts it, turns alternating user / assistant."""
+    return owui.chat_document(title, [("user" if i % 2 == 0 else "assistant", text) for i, text in enumerate(texts)],
+                              model="e2e-model")
 
 
 @dataclass

@@ -10,20 +10,22 @@ import psycopg
 from psycopg.types.json import Json
 
 
-def chat_document(title: str, messages: list[tuple[str, str]]) -> dict:
-    """A chat.chat value as Open WebUI stores it: history.messages plus the legacy list."""
+def chat_document(title: str, messages: list[tuple[str, str]], model: str = "test-model") -> dict:
+    """A chat.chat value as Open WebUI's web client writes it: history.messages (a tree) plus the legacy list."""
     history, legacy, parent = {}, [], None
     for role, content in messages:
         mid = str(uuid.uuid4())
         message = {"id": mid, "parentId": parent, "childrenIds": [], "role": role, "content": content,
                    "timestamp": int(time.time())}
+        if role == "assistant":
+            message["model"] = model
         if parent:
             history[parent]["childrenIds"].append(mid)
         history[mid] = message
         legacy.append(message)
         parent = mid
-    return {"title": title, "models": ["test-model"], "history": {"messages": history, "currentId": parent},
-            "messages": legacy, "tags": [], "timestamp": int(time.time() * 1000)}
+    return {"title": title, "models": [model], "history": {"messages": history, "currentId": parent},
+            "messages": legacy, "tags": [], "params": {}, "timestamp": int(time.time() * 1000)}
 
 
 def insert_chat(conn: psycopg.Connection, user_id: str, title: str, messages: list[tuple[str, str]],
