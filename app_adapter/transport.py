@@ -19,6 +19,8 @@ from typing import Any
 
 from cryptography.fernet import Fernet
 
+from app_adapter.errors import OwuiCryptoError
+
 ACTIVATE = "SELECT owui_crypto.activate(%s, %s, %s, %s)"
 # The same, also putting the decrypting views first for this transaction only
 # (a session-level SET would leak to other clients behind a pooler).
@@ -30,7 +32,7 @@ ACTIVATE_WITH_PATH = "SELECT owui_crypto.activate(%s, %s, %s, %s), pg_catalog.se
 KNOWN_BACKENDS = 4
 
 
-class TransportError(RuntimeError):
+class TransportError(OwuiCryptoError):
     """The backend kept refusing our transport key (it should accept the one it just gave)."""
 
 

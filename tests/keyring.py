@@ -22,6 +22,7 @@ class Keyring:
     db_url: str
     keys: dict[str, bytes] = field(default_factory=dict)
     share_key: bytes | None = None
+    transports: dict[int, Transport] = field(default_factory=dict)  # per connection, as the adapter keeps them
 
     def user(self, user_id: str | None = None) -> str:
         """Register a fresh key for a new user and return the user id."""
@@ -44,11 +45,9 @@ class Keyring:
     def activate(self, conn: psycopg.Connection, user_id: str | None, *, share: bool = True,
                  transport: Transport | None = None) -> Transport:
         """Give conn's current transaction the keys of user_id (and the share key)."""
-        transport = transport or _transports.setdefault(id(conn), Transport())
+        transport = transport or self.transports.setdefault(id(conn), Transport())
         with conn.cursor() as cur:
             transport.activate(cur, user_id, self.keys.get(user_id) if user_id else None,
                                self.share() if share else None)
         return transport
 
-
-_transports: dict[int, Transport] = {}
