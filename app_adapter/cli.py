@@ -108,8 +108,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     if not args.yes:
-        print("owui-crypto: forget destroys the user's keys; everything sealed under them becomes unreadable, "
-              "backups included. Run again with --yes.", file=sys.stderr)
+        print("owui-crypto: forget destroys the user's keys; everything sealed under them in this database "
+              "becomes unreadable (backups taken earlier still hold the KMS-wrapped key). Run again with --yes.",
+              file=sys.stderr)
         return 2
     service = _service(args)
     with psycopg.connect(service.dsn) as conn:

@@ -13,7 +13,9 @@ ALTER TABLE public."user"
     ADD COLUMN kms_encrypted_dek bytea;
 
 -- Crypto-shredding: once a user's wrapped DEKs and key registration are gone,
--- whatever was sealed under their key (backups included) opens for nobody.
+-- whatever this database holds sealed under their key opens for nobody. A
+-- backup taken before still holds kms_encrypted_dek, which the application
+-- CMK can unwrap: shredding backups too needs a KMS-side step (README).
 CREATE FUNCTION owui_crypto.forget_user_key(p_user_id text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = '' AS $$
 BEGIN

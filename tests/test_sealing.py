@@ -240,13 +240,19 @@ def test_python_opens_what_sql_sealed_with_binding(app, keyring):
     assert app.execute("SELECT summary FROM chat WHERE id = %s", (chat_id,)).fetchone()[0] == "from python"
 
 
-def test_shared_chat_sealed_under_share_key(app, keyring):
+def share_a_chat(app, keyring, title: str, share_id: str) -> tuple[str, str, str]:
+    """Alice writes a chat and shares it (a snapshot row in shared_chat); returns alice, bob, the chat id."""
     alice, bob = keyring.user(), keyring.user()
     keyring.activate(app, alice)
-    chat_id = insert_chat(app, alice, "to share", [("user", "x")])
-    app.execute("INSERT INTO shared_chat (id, chat_id, user_id, title, chat) SELECT 's1', id, user_id, title, chat"
-                " FROM chat WHERE id = %s", (chat_id,))
+    chat_id = insert_chat(app, alice, title, [("user", "x")])
+    app.execute("INSERT INTO shared_chat (id, chat_id, user_id, title, chat) SELECT %s, id, user_id, title, chat"
+                " FROM chat WHERE id = %s", (share_id, chat_id))
     app.commit()
+    return alice, bob, chat_id
+
+
+def test_shared_chat_sealed_under_share_key(app, keyring):
+    alice, bob, _ = share_a_chat(app, keyring, "to share", "s1")
     assert raw(app, "shared_chat", "title", "s1").startswith("oc1:")
     keyring.activate(app, bob)  # another user, with the share key
     assert app.execute("SELECT title FROM shared_chat WHERE id = 's1'").fetchone()[0] == "to share"
@@ -295,12 +301,7 @@ def test_views_work_under_forced_parallel_plans(app, keyring):
 
 
 def test_only_the_chats_owner_writes_its_share(app, keyring):
-    alice, bob = keyring.user(), keyring.user()
-    keyring.activate(app, alice)
-    chat_id = insert_chat(app, alice, "alice shares", [("user", "x")])
-    app.execute("INSERT INTO shared_chat (id, chat_id, user_id, title, chat) SELECT 's2', id, user_id, title, chat"
-                " FROM chat WHERE id = %s", (chat_id,))
-    app.commit()
+    _, bob, chat_id = share_a_chat(app, keyring, "alice shares", "s2")
     before = raw(app, "shared_chat", "chat", "s2")
     # Bob (say, an admin) reads placeholders for the chat: he must not snapshot them over the share.
     keyring.activate(app, bob)
