@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FERNET_SQL = REPO_ROOT / "sql" / "10_fernet.sql"
-# CI checks shared/ out beside the clone; so do the project's machines.
-REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+# The spec's official vectors, copied into the repository (see fixtures/fernet/README.md).
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "fernet"
 
 OPENERS = ("owui_crypto.fernet_open",)
 INTEGRITY_MESSAGE = "sealed value failed its integrity check"
@@ -54,8 +54,7 @@ def reference(name: str) -> list[dict]:
     if not path.is_file():
         pytest.fail(
             f"Fernet reference vectors missing: {path} does not exist. They are the spec's official "
-            "vectors (https://github.com/fernet/spec); the tests read them from shared/reference/ next to "
-            "the repository clone (CI checks shared/ out there).",
+            "vectors (https://github.com/fernet/spec), shipped in tests/fixtures/fernet/.",
             pytrace=False,
         )
     return json.loads(path.read_text(encoding="utf-8"))
