@@ -32,7 +32,10 @@ from app_adapter.keys import KeyService
 from app_adapter.secret import SecretBytes
 from app_adapter.transport import Transport
 
-VIEW_SEARCH_PATH = "owui_crypto_view, public"
+# pg_temp last, explicitly: left out, PostgreSQL searches it FIRST for tables
+# and views, and a temporary view named like a table (left in a pooled session
+# by earlier SQL) would shadow the decrypting view for every later user.
+VIEW_SEARCH_PATH = "owui_crypto_view, public, pg_temp"
 _TRANSPORT = "owui_crypto_transport"
 
 

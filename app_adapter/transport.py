@@ -1,14 +1,24 @@
-"""Handing keys to PostgreSQL without showing them to its logs.
+"""Handing keys to PostgreSQL without showing them to its logs, or to other clients.
 
-``owui_crypto.activate()`` (``sql/20_keys.sql``) takes keys only as Fernet
-tokens under a per-backend *transport key* that the backend made itself and
-gave out only as a query result. :class:`Transport` is the client side of that
-exchange for one client connection. It remembers the transport keys of the
-last few backends it met: behind a transaction pooler (PgBouncer) a client
-connection hops between server backends, so it offers its keys wrapped under
-each, and the backend picks its own -- still one round trip. When it lands on
-a backend it has not met, ``activate()`` answers with that backend's key and
-the client tries again inside the same transaction.
+``owui_crypto.activate()`` (``sql/80_hardening.sql``) takes keys only as Fernet
+tokens under a *transport entry*: a key that a server backend made for this
+client alone and gave out once, as a query result (which no PostgreSQL log
+records). The backend keeps its entries where the application's role can
+neither read nor set them, so neither a log reader nor another client behind
+the same pooler can open a token, and no client can choose the key.
+
+Every token carries a counter (8 bytes, big-endian, before the key). The
+backend accepts a counter only above the last one it accepted for that entry
+and records it outside the transaction, so a token copied from a log that
+records bind parameters is spent: replayed on that backend it is refused
+(OC004), on any other it names no entry there and activates nothing.
+
+:class:`Transport` is the client side for one client connection. It remembers
+the entries of the last few backends it met: behind a transaction pooler
+(PgBouncer) a client connection hops between server backends, so it offers
+its keys wrapped under each, and the backend picks its own -- still one round
+trip. When it lands on a backend it has not met, ``activate()`` answers with a
+new entry and the client tries again inside the same transaction.
 """
 
 from __future__ import annotations
@@ -33,31 +43,45 @@ KNOWN_BACKENDS = 4
 
 
 class TransportError(OwuiCryptoError):
-    """The backend kept refusing our transport key (it should accept the one it just gave)."""
+    """The backend kept refusing our transport entry (it should accept the one it just gave)."""
+
+
+@dataclass
+class _Entry:
+    fernet: Fernet = field(repr=False)
+    counter: int = 0
 
 
 @dataclass
 class Transport:
-    """Transport-key state of one client connection."""
+    """Transport state of one client connection: its entries on the backends it met."""
 
-    known: OrderedDict[str, Fernet] = field(default_factory=OrderedDict, repr=False)
+    known: OrderedDict[str, _Entry] = field(default_factory=OrderedDict, repr=False)
     round_trips: int = 0  # activate() calls, for the benchmarks
     renewals: int = 0  # backends met for the first time
 
     def establish(self, cursor: Any) -> None:
-        """Learn the backend's transport key ahead of the first transaction."""
-        cursor.execute("SELECT owui_crypto.transport_key()")
+        """Get an entry from the backend ahead of the first transaction (activating nothing)."""
+        cursor.execute(ACTIVATE, (None, [], [], []))
         self._learn(cursor.fetchone()[0])
 
     def _learn(self, fresh: str) -> None:
-        key_id, key = fresh.split(":", 1)
-        self.known[key_id] = Fernet(key.encode("ascii"))
-        self.known.move_to_end(key_id, last=False)
+        entry_id, key = fresh.split(":", 1)
+        self.known[entry_id] = _Entry(Fernet(key.encode("ascii")))
+        self.known.move_to_end(entry_id, last=False)
         while len(self.known) > KNOWN_BACKENDS:
             self.known.popitem()
 
-    def _offers(self, key: bytes | None) -> list[str | None]:
-        return [None if key is None else f.encrypt(key).decode("ascii") for f in self.known.values()]
+    def _offers(self, user_key: bytes | None, share_key: bytes | None) -> tuple[list[str | None], list[str | None]]:
+        """One fresh counter per entry, shared by the user and share tokens of this activation."""
+        users: list[str | None] = []
+        shares: list[str | None] = []
+        for entry in self.known.values():
+            entry.counter += 1
+            prefix = entry.counter.to_bytes(8, "big")
+            users.append(None if user_key is None else entry.fernet.encrypt(prefix + user_key).decode("ascii"))
+            shares.append(None if share_key is None else entry.fernet.encrypt(prefix + share_key).decode("ascii"))
+        return users, shares
 
     def activate(self, cursor: Any, user_id: str | None, user_key: bytes | None, share_key: bytes | None,
                  search_path: str | None = None) -> None:
@@ -68,7 +92,8 @@ class Transport:
         """
         for _ in range(3):
             self.round_trips += 1
-            params = (user_id, list(self.known), self._offers(user_key), self._offers(share_key))
+            users, shares = self._offers(user_key, share_key)
+            params = (user_id, list(self.known), users, shares)
             if search_path is None:
                 cursor.execute(ACTIVATE, params)
             else:
@@ -78,5 +103,5 @@ class Transport:
                 return
             self.renewals += 1
             self._learn(fresh)
-        raise TransportError("PostgreSQL did not accept the transport key it handed out; is a pooler "
+        raise TransportError("PostgreSQL did not accept the transport entry it handed out; is a pooler "
                              "switching server backends inside a transaction (session or statement pooling)?")

@@ -69,7 +69,7 @@ def main() -> int:
         warm = decrypts() - before
 
         plain = sa.create_engine(url, pool_size=2,
-                                 connect_args={"options": "-c search_path=owui_crypto_view,public"})
+                                 connect_args={"options": "-c search_path=owui_crypto_view,public,pg_temp"})
         with_hook, without = [], []
         for _ in range(args.repeats):
             without.append(transactions(None, plain, users, args.transactions))

@@ -20,7 +20,7 @@ from tests.keyring import Keyring
 FIXTURES = Path(__file__).parent / "fixtures"
 OWUI_SCHEMA = FIXTURES / "owui_0_12_4_schema.sql"
 
-pytest_plugins = ["tests.kms_fixtures", "tests.pgbouncer"]
+pytest_plugins = ["tests.kms_fixtures", "tests.pgbouncer", "tests.roles"]
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +85,7 @@ def run_id() -> str:
     return secrets.token_hex(4)
 
 
-APP_SEARCH_PATH = "owui_crypto_view,public"
+APP_SEARCH_PATH = "owui_crypto_view,public,pg_temp"
 
 
 @pytest.fixture

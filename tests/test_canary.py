@@ -43,7 +43,7 @@ def configure(pg_server, db: str, settings: dict[str, str]) -> None:
 def workload(db_url: str, keyring) -> dict[str, str]:
     """Two users write, read, search, fail; returns the chat ids."""
     seen_activity: list[str] = []
-    with psycopg.connect(db_url, options="-c search_path=owui_crypto_view,public") as conn:
+    with psycopg.connect(db_url, options="-c search_path=owui_crypto_view,public,pg_temp") as conn:
         alice, bob = keyring.user(), keyring.user()
         keyring.activate(conn, alice)
         chat_id = insert_chat(conn, alice, CANARY_TITLE, [("user", CANARY_TEXT), ("assistant", CANARY_TEXT)])

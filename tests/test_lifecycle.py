@@ -92,7 +92,7 @@ def test_dump_and_restore_keeps_data_sealed_once(app, keyring, pg_server, db):
         subprocess.run(["psql", "-q", "-v", "ON_ERROR_STOP=1", pg_server.url(restored)], input=dump, check=True,
                        capture_output=True)
         url = pg_server.url(restored)
-        with psycopg.connect(url, options="-c search_path=owui_crypto_view,public") as conn:
+        with psycopg.connect(url, options="-c search_path=owui_crypto_view,public,pg_temp") as conn:
             assert sealed_snapshot(conn) == before
             keyring.activate(conn, alice)
             assert conn.execute("SELECT title FROM chat WHERE id = %s", (chat_id,)).fetchone()[0] == "survives restore"
@@ -117,7 +117,7 @@ def test_migrates_as_a_database_owner_that_is_not_superuser(pg_server, run_id):
             conn.execute("SELECT owui_crypto.refresh()")
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(app_role)))
         app_url = pg_server.url(name).replace("://postgres@", f"://{app_role}@", 1)
-        with psycopg.connect(app_url, options="-c search_path=owui_crypto_view,public") as conn:
+        with psycopg.connect(app_url, options="-c search_path=owui_crypto_view,public,pg_temp") as conn:
             # The application role reads and writes through the views only...
             assert conn.execute("SELECT count(*) FROM chat").fetchone() == (0,)
             # ...and cannot read the key ring or the base tables.
@@ -141,13 +141,18 @@ def test_nothing_is_granted_to_public_and_definers_pin_search_path(app):
                aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
          WHERE n.nspname IN ('owui_crypto', 'owui_crypto_view') AND a.grantee = 0
         UNION ALL
+        SELECT t.oid::regtype::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace,
+               aclexplode(coalesce(t.typacl, acldefault('T', t.typowner))) a
+         WHERE n.nspname IN ('owui_crypto', 'owui_crypto_view') AND a.grantee = 0
+           AND t.typrelid = 0 AND t.typcategory <> 'A'  -- row and array types carry no privileges of their own
+        UNION ALL
         SELECT n.nspname FROM pg_namespace n, aclexplode(n.nspacl) a
          WHERE n.nspname IN ('owui_crypto', 'owui_crypto_view') AND a.grantee = 0""").fetchall()
     assert public_grants == []
     unpinned = app.execute("""
         SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
          WHERE n.nspname LIKE 'owui_crypto%' AND p.prosecdef
-           AND NOT coalesce('search_path=""' = ANY(p.proconfig), false)""").fetchall()
+           AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY(p.proconfig), false)""").fetchall()
     assert unpinned == []
     definers = app.execute("SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
                            " WHERE n.nspname = 'owui_crypto' AND p.prosecdef").fetchone()[0]

@@ -78,7 +78,7 @@ def test_sqlalchemy_orm_crud_with_returning(db_url, keyring):
     """Open WebUI's ORM shape: insert, update and delete with RETURNING, FOR UPDATE."""
     alice = keyring.user()
     engine = sa.create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1),
-                              connect_args={"options": "-c search_path=owui_crypto_view,public"})
+                              connect_args={"options": "-c search_path=owui_crypto_view,public,pg_temp"})
     meta = sa.MetaData()
     chat = sa.Table("chat", meta, sa.Column("id", sa.String, primary_key=True), sa.Column("user_id", sa.String),
                     sa.Column("title", sa.Text), sa.Column("chat", sa.JSON), sa.Column("meta", sa.JSON),
