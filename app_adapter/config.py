@@ -85,12 +85,17 @@ ENV_VARS: tuple[tuple[str, str | None, str], ...] = (
         f"retry mode, 1..{_MAX_ATTEMPTS_CEILING}).",
     ),
     (
-        "OWUI_CRYPTO_STORE_USER_KEY",
-        "false",
-        "Legacy switch: also store `user_key` next to `user_encrypted_dek`, which "
-        "makes the per-user wrapping worthless. `1/true/yes` or `0/false/no`.",
+        "OWUI_CRYPTO_USER_SECRET_PROVIDER",
+        "",
+        "Off by default. `module:function` called with a user id; it returns bytes the user holds "
+        "(e.g. from a client certificate) or None. Only then is a user-held copy of the DEK "
+        "(`user_encrypted_dek`, `salt`) written; nothing the database holds can open it.",
     ),
 )
+
+#: Removed: storing the user key next to the DEK it wraps gave the DEK to
+#: anyone who reads the table. Set to a true value, it now refuses to start.
+REMOVED_STORE_USER_KEY = "OWUI_CRYPTO_STORE_USER_KEY"
 
 _DEFAULTS = {name: default for name, default, _ in ENV_VARS}
 
@@ -128,7 +133,7 @@ class Settings:
     kms_connect_timeout: float = 2.0
     kms_read_timeout: float = 2.0
     kms_max_attempts: int = 2
-    store_user_key: bool = False
+    user_secret_provider: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -166,17 +171,24 @@ class Settings:
                 f"a whole number from 1 to {_MAX_ATTEMPTS_CEILING}, e.g. 2",
                 ceiling=_MAX_ATTEMPTS_CEILING,
             ),
-            store_user_key=_boolean(environ, "OWUI_CRYPTO_STORE_USER_KEY"),
+            user_secret_provider=_provider(environ, "OWUI_CRYPTO_USER_SECRET_PROVIDER"),
         )
-        if settings.store_user_key:
-            # Loud on purpose: with the switch on, anyone who can read the
-            # user table can open every user's DEK.
-            log.warning(
-                "OWUI_CRYPTO_STORE_USER_KEY is on: user_key is stored next to "
-                "user_encrypted_dek, so the per-user wrapping protects nothing "
-                "against a database reader. Legacy compatibility only."
+        if environ.get(REMOVED_STORE_USER_KEY, "").strip().lower() in _TRUE:
+            raise ConfigError(
+                f"{REMOVED_STORE_USER_KEY} was removed: a user_key stored next to user_encrypted_dek opens "
+                "the DEK for anyone who can read the table (a dump, a read-only role). Unset it; the KMS copy "
+                "is the way back to every key, and OWUI_CRYPTO_USER_SECRET_PROVIDER adds a user-held copy."
             )
         return settings
+
+
+def _provider(environ: Mapping[str, str], name: str) -> str | None:
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
+        raise ConfigError(f"{name}={value!r} is not module:function, e.g. mycompany.certs:user_secret")
+    return value
 
 
 def settings_table_markdown() -> str:

@@ -1,8 +1,12 @@
 """Where a user's key comes from: provisioning, resolution, forgetting.
 
-A user's DEK exists at rest only wrapped: by KMS in ``"user".kms_encrypted_dek``
-(the recovery path, and the one the adapter uses) and under the user-held key
-in ``user_encrypted_dek``. The database also holds the key's fingerprint
+A user's DEK exists at rest only wrapped by KMS, in ``"user".kms_encrypted_dek``
+(the recovery path, and the one the adapter uses). A second, user-held copy
+(``user_encrypted_dek`` under PBKDF2 of ``salt`` and a secret the user holds)
+is written only when such a secret is supplied (``user_secret`` or
+``OWUI_CRYPTO_USER_SECRET_PROVIDER``): a copy wrapped under anything the
+database holds -- the user id, as the memo's interim plan did -- would open
+for anyone holding a dump. The database also holds the key's fingerprint
 (``owui_crypto.user_key``), which ``activate()`` checks.
 
 :class:`KeyService` is the process-wide object that turns a user id into a
@@ -11,16 +15,18 @@ DEK: cache first, otherwise one KMS Decrypt. It never logs or shows a key.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
 from app_adapter import userkeys
 from app_adapter.config import Settings
-from app_adapter.errors import CannotUnwrap, NotProvisioned
+from app_adapter.errors import CannotUnwrap, InvalidInput, NotProvisioned
 from app_adapter.keycache import KeyCache
 from app_adapter.kms import DEK_BYTES, KmsKeys
 from app_adapter.secret import SecretBytes
@@ -39,6 +45,30 @@ class Provisioned:
     created: bool  # False: the user already had a key, which was kept
 
 
+@dataclass(frozen=True)
+class WeakCopies:
+    """What :meth:`KeyService.remove_weak_copies` found. No key material."""
+
+    removed: list[str] = field(default_factory=list)  # users whose database-openable copy is gone
+    kept: list[str] = field(default_factory=list)  # copies nothing in the database opens (user-held)
+    refused: list[str] = field(default_factory=list)  # the KMS copy did not open to the same key: left alone
+
+
+#: Secrets a copy may have been wrapped under that the database itself holds.
+def _database_held_secrets(user_id: str, email: str | None, name: str | None) -> list[bytes]:
+    return [v.encode() for v in (user_id, email, name) if v]
+
+
+UserSecret = Callable[[str], bytes | None]
+
+
+def load_provider(spec: str) -> UserSecret:
+    """``module:function`` -> the function (``OWUI_CRYPTO_USER_SECRET_PROVIDER``)."""
+    module, _, name = spec.partition(":")
+    provider: UserSecret = getattr(importlib.import_module(module), name)
+    return provider
+
+
 class KeyService:
     """Per-process: KMS, the key cache, and the database's key columns."""
 
@@ -51,6 +81,8 @@ class KeyService:
         self.kms = kms or KmsKeys(settings)
         self.cache = cache or KeyCache.from_settings(settings)
         self._share_key: SecretBytes | None = None
+        self.user_secret: UserSecret | None = (
+            load_provider(settings.user_secret_provider) if settings.user_secret_provider else None)
 
     def __repr__(self) -> str:
         return f"KeyService(kms={self.kms!r}, cache={self.cache!r})"
@@ -98,10 +130,10 @@ class KeyService:
         """Give ``user_id`` a DEK, once, inside the caller's transaction.
 
         ``conn`` is a psycopg connection (or DB-API cursor owner) whose
-        ``"user"`` row for ``user_id`` exists. ``user_secret`` feeds the
-        user-key path; until client certificates exist it defaults to the
-        user id, as in the memo -- which protects nothing by itself, since the
-        user id is in the same table. A user who already has a key keeps it.
+        ``"user"`` row for ``user_id`` exists. A user-held copy of the DEK is
+        written only with a ``user_secret`` (given, or from the configured
+        provider); otherwise ``salt`` and ``user_encrypted_dek`` stay NULL and
+        the KMS copy is the only way back. A user who already has a key keeps it.
         """
         cur = conn.cursor()
         cur.execute('SELECT kms_encrypted_dek IS NOT NULL FROM public."user" WHERE id = %s FOR UPDATE', (user_id,))
@@ -112,31 +144,67 @@ class KeyService:
             cur.execute("SELECT key_id FROM owui_crypto.user_key WHERE user_id = %s", (user_id,))
             found = cur.fetchone()
             return Provisioned(user_id, found[0] if found else "", created=False)
+        if user_secret is None and self.user_secret is not None:
+            user_secret = self.user_secret(user_id)
         dek, wrapped = self.kms.new_dek(user_id)
-        salt = userkeys.new_salt()
-        user_key = userkeys.derive_user_key(user_secret if user_secret is not None else user_id.encode(), salt)
-        sealed = userkeys.seal_dek_for_user(dek, user_key)
-        if self.settings.store_user_key:
-            log.warning("OWUI_CRYPTO_STORE_USER_KEY is on: storing user %s's user_key next to their sealed DEK; "
-                        "anyone who can read the \"user\" table can open it", user_id)
-        cur.execute(
-            'UPDATE public."user" SET salt = %s, user_encrypted_dek = %s, user_key = %s, kms_encrypted_dek = %s'
-            " WHERE id = %s",
-            (salt, sealed.decode("ascii"), user_key.decode("ascii") if self.settings.store_user_key else None,
-             wrapped, user_id))
+        salt, sealed = None, None
+        if user_secret is not None:
+            salt = userkeys.new_salt()
+            sealed = userkeys.seal_dek_for_user(dek, userkeys.derive_user_key(user_secret, salt)).decode("ascii")
+        cur.execute('UPDATE public."user" SET salt = %s, user_encrypted_dek = %s, user_key = NULL, kms_encrypted_dek = %s'
+                    " WHERE id = %s", (salt, sealed, wrapped, user_id))
         cur.execute("SELECT owui_crypto.register_user_key(%s, %s)", (user_id, userkeys.fingerprint(dek)))
         key_id = cur.fetchone()[0]
         return Provisioned(user_id, key_id, created=True)
 
-    def open_with_user_secret(self, user_id: str, user_secret: bytes | None = None) -> SecretBytes:
-        """The DEK through the user-key path (no KMS): the memo's normal path."""
+    def remove_weak_copies(self, conn: Any) -> WeakCopies:
+        """Remove user-held copies that open with something the database holds.
+
+        Earlier releases wrapped ``user_encrypted_dek`` under PBKDF2 of the user
+        id (and could store ``user_key`` beside it): a dump opened every DEK. A
+        copy is removed only after the user's KMS copy has been opened and found
+        to be the same key, so nothing is lost; one that opens with none of
+        them is user-held and kept. Runs in the caller's transaction.
+        """
+        found = WeakCopies()
+        cur = conn.cursor()
+        cur.execute('SELECT id, email, name, salt, user_encrypted_dek, user_key, kms_encrypted_dek FROM public."user"'
+                    " WHERE user_encrypted_dek IS NOT NULL OR user_key IS NOT NULL OR salt IS NOT NULL FOR UPDATE")
+        for user_id, email, name, salt, sealed, stored_key, kms_copy in cur.fetchall():
+            opened = self._open_weak_copy(user_id, email, name, salt, sealed, stored_key)
+            if sealed is not None and opened is None:
+                found.kept.append(user_id)
+                continue
+            if kms_copy is None or (opened is not None and self.kms.unwrap_dek(user_id, bytes(kms_copy)) != opened):
+                found.refused.append(user_id)
+                continue
+            cur.execute('UPDATE public."user" SET salt = NULL, user_encrypted_dek = NULL, user_key = NULL'
+                        " WHERE id = %s", (user_id,))
+            found.removed.append(user_id)
+        return found
+
+    @staticmethod
+    def _open_weak_copy(user_id: str, email: str | None, name: str | None, salt: bytes | None,
+                        sealed: str | None, stored_key: str | None) -> SecretBytes | None:
+        if sealed is None or salt is None:
+            return None
+        keys = [stored_key.encode("ascii")] if stored_key else []
+        keys += [userkeys.derive_user_key(s, bytes(salt)) for s in _database_held_secrets(user_id, email, name)]
+        for key in keys:
+            try:
+                return userkeys.open_dek_for_user(sealed.encode("ascii"), key)
+            except (CannotUnwrap, InvalidInput):
+                continue
+        return None
+
+    def open_with_user_secret(self, user_id: str, user_secret: bytes) -> SecretBytes:
+        """The DEK through the user-held copy (no KMS), for a user who has one."""
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             row = conn.execute('SELECT salt, user_encrypted_dek FROM public."user" WHERE id = %s',
                                (user_id,)).fetchone()
         if row is None or row[1] is None:
-            raise NotProvisioned(f"user {user_id} has no sealed DEK")
-        user_key = userkeys.derive_user_key(user_secret if user_secret is not None else user_id.encode(),
-                                            bytes(row[0]))
+            raise NotProvisioned(f"user {user_id} has no user-held copy of their key")
+        user_key = userkeys.derive_user_key(user_secret, bytes(row[0]))
         try:
             return userkeys.open_dek_for_user(row[1].encode("ascii"), user_key)
         except CannotUnwrap:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import logging
 import socket
 import threading
@@ -15,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app_adapter import errors
+from app_adapter import errors, userkeys
 from app_adapter.hook import Adapter, acting_user
 from app_adapter.keys import KeyService
 from app_adapter.kms import KmsKeys, botocore_config
@@ -56,44 +58,77 @@ def write_and_read(adapter: Adapter, engine: sa.Engine, uid: str) -> list[tuple[
             return [tuple(r) for r in conn.execute(sa.select(CHAT.c.user_id, CHAT.c.title))]
 
 
-def test_provision_once_and_both_unwrap_paths_agree(db_url, service, caplog):
-    (uid,) = add_users(db_url, service, 1)
-    with psycopg.connect(db_url) as conn:
-        again = service.provision(conn, uid)
-        row = conn.execute('SELECT salt, user_encrypted_dek, user_key, kms_encrypted_dek FROM public."user"'
-                           " WHERE id = %s", (uid,)).fetchone()
-    assert again.created is False and len(again.key_id) == 16
-    assert row[0] and row[1] and row[3] and row[2] is None  # user_key is never stored by default
-    via_kms = service.kms.unwrap_dek(uid, bytes(row[3]))
-    assert via_kms == service.open_with_user_secret(uid)
-    assert service.dek(uid) == via_kms
-    # The memo's Phase 4 verification queries, verbatim.
-    with psycopg.connect(db_url) as conn:
-        conn.execute('UPDATE public."user" SET email = %s WHERE id = %s', ("test@example.com", uid))
-        assert conn.execute("""
+MEMO_QUERIES = ("""
 SELECT 
     email, 
     kms_encrypted_dek IS NOT NULL as has_kms_backup,
     user_encrypted_dek IS NOT NULL as has_user_dek
 FROM "user" 
-WHERE email = 'test@example.com';""").fetchall() == [("test@example.com", True, True)]
-        assert conn.execute("""
+WHERE email = 'test@example.com';""", """
 SELECT 
     COUNT(DISTINCT user_encrypted_dek) as unique_user_deks,
     COUNT(DISTINCT kms_encrypted_dek) as unique_kms_deks,
     COUNT(*) as total_users
 FROM "user" 
-WHERE user_encrypted_dek IS NOT NULL;""").fetchone() == (1, 1, 1)
+WHERE user_encrypted_dek IS NOT NULL;""")
 
 
-def test_legacy_switch_stores_user_key_and_warns(db_url, kms_server, caplog):
-    svc = KeyService(kms_server.settings(store_user_key=True), db_url)
-    with caplog.at_level(logging.WARNING):
-        (uid,) = add_users(db_url, svc, 1)
+def test_provision_once_keeps_no_copy_the_database_can_open(db_url, service):
+    (uid,) = add_users(db_url, service, 1)
     with psycopg.connect(db_url) as conn:
-        assert conn.execute('SELECT user_key IS NOT NULL FROM public."user" WHERE id = %s', (uid,)).fetchone() == (True,)
-    assert "OWUI_CRYPTO_STORE_USER_KEY" in caplog.text
-    assert all(form not in caplog.text for form in key_forms(svc.dek(uid).reveal()))
+        again = service.provision(conn, uid)
+        row = conn.execute('SELECT salt, user_encrypted_dek, user_key, kms_encrypted_dek FROM public."user"'
+                           " WHERE id = %s", (uid,)).fetchone()
+        assert again.created is False and len(again.key_id) == 16
+        assert row[:3] == (None, None, None) and row[3]  # only the KMS copy
+        assert service.dek(uid) == service.kms.unwrap_dek(uid, bytes(row[3]))
+        # The memo's Phase 4 verification queries, verbatim: a KMS backup, no user-held copy.
+        conn.execute('UPDATE public."user" SET email = %s WHERE id = %s', ("test@example.com", uid))
+        assert conn.execute(MEMO_QUERIES[0]).fetchall() == [("test@example.com", True, False)]
+        assert conn.execute(MEMO_QUERIES[1]).fetchone() == (0, 0, 0)
+
+
+def test_a_user_held_secret_adds_a_copy_only_it_opens(db_url, kms_server):
+    """OWUI_CRYPTO_USER_SECRET_PROVIDER: the memo's client-certificate hook, off by default."""
+    svc = KeyService(kms_server.settings(user_secret_provider="tests.test_adapter:certificate_secret"), db_url)
+    (uid,) = add_users(db_url, svc, 1)
+    assert svc.open_with_user_secret(uid, certificate_secret(uid)) == svc.dek(uid)
+    with pytest.raises(errors.CannotUnwrap):
+        svc.open_with_user_secret(uid, uid.encode())  # the user id opens nothing
+    with psycopg.connect(db_url) as conn:
+        conn.execute('UPDATE public."user" SET email = %s WHERE id = %s', ("test@example.com", uid))
+        assert conn.execute(MEMO_QUERIES[0]).fetchall() == [("test@example.com", True, True)]
+        assert conn.execute(MEMO_QUERIES[1]).fetchone() == (1, 1, 1)
+
+
+def write_legacy_copy(conn: psycopg.Connection, uid: str, dek: bytes, *, store_user_key: bool = False) -> None:
+    """What earlier releases wrote: the DEK under PBKDF2(user id, salt), maybe with user_key beside it."""
+    salt = userkeys.new_salt()
+    user_key = userkeys.derive_user_key(uid.encode(), salt)
+    conn.execute('UPDATE public."user" SET salt = %s, user_encrypted_dek = %s, user_key = %s WHERE id = %s',
+                 (salt, userkeys.seal_dek_for_user(dek, user_key).decode(),
+                  user_key.decode() if store_user_key else None, uid))
+
+
+def test_remove_weak_copies_only_after_the_kms_copy_proves_the_same_key(db_url, kms_server):
+    svc = KeyService(kms_server.settings(user_secret_provider="tests.test_adapter:certificate_secret"), db_url)
+    legacy, stored, mismatched, held = add_users(db_url, svc, 4)
+    with psycopg.connect(db_url) as conn:
+        conn.execute('UPDATE public."user" SET salt = NULL, user_encrypted_dek = NULL WHERE id <> %s', (held,))
+        write_legacy_copy(conn, legacy, svc.dek(legacy).reveal())
+        write_legacy_copy(conn, stored, svc.dek(stored).reveal(), store_user_key=True)
+        write_legacy_copy(conn, mismatched, os.urandom(32))  # would lose data if trusted
+        found = svc.remove_weak_copies(conn)
+        rows = dict(conn.execute('SELECT id, user_encrypted_dek IS NOT NULL OR salt IS NOT NULL OR user_key IS NOT NULL'
+                                 ' FROM public."user"').fetchall())
+    assert (sorted(found.removed), found.kept, found.refused) == (sorted([legacy, stored]), [held], [mismatched])
+    assert rows == {legacy: False, stored: False, mismatched: True, held: True}
+    assert svc.open_with_user_secret(held, certificate_secret(held)) == svc.dek(held)
+
+
+def certificate_secret(user_id: str) -> bytes:
+    """Stands in for material from a user's client certificate: nothing the database holds."""
+    return b"cert-held:" + hashlib.sha256(b"outside the database" + user_id.encode()).digest()
 
 
 def test_engine_hook_isolates_users_and_fails_closed(db_url, service, engine):

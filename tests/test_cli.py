@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import psycopg
+from psycopg import sql
 
 from app_adapter.kms import KmsKeys
 
@@ -51,6 +52,11 @@ def test_missing_setting_is_named(kms_server):
 
 
 def test_check_refresh_and_grant(db_url, run_id):
+    first = owui_crypto("check", "--database-url", db_url)
+    assert first.returncode == 1 and "log_error_verbosity = default" in first.stdout  # the server's default
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET log_error_verbosity = terse").format(
+            sql.Identifier(conn.info.dbname)))
     assert owui_crypto("check", "--database-url", db_url).stdout.strip().endswith("healthy")
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("ALTER TABLE public.chat ADD COLUMN added_later text")

@@ -35,7 +35,7 @@ def test_defaults() -> None:
         kms_connect_timeout=2.0,
         kms_read_timeout=2.0,
         kms_max_attempts=2,
-        store_user_key=False,
+        user_secret_provider=None,
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.aws_region = "eu-west-1"  # type: ignore[misc]
@@ -52,13 +52,14 @@ def test_every_variable_set() -> None:
             OWUI_CRYPTO_KMS_READ_TIMEOUT="3",
             OWUI_CRYPTO_KMS_MAX_ATTEMPTS="10",
             OWUI_CRYPTO_STORE_USER_KEY="no",
+            OWUI_CRYPTO_USER_SECRET_PROVIDER="mycompany.certs:user_secret",
         )
     )
     assert s.hmac_key_id == "alias/owui-users"
     assert s.kms_mac_algorithm == "HMAC_SHA_512"
     assert (s.key_cache_ttl_seconds, s.key_cache_size) == (0.5, 42)
     assert (s.kms_connect_timeout, s.kms_read_timeout, s.kms_max_attempts) == (1.5, 3.0, 10)
-    assert s.store_user_key is False
+    assert s.user_secret_provider == "mycompany.certs:user_secret"
 
 
 def test_from_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,8 +102,6 @@ def test_missing_required_variable_is_named(name: str, value: str | None) -> Non
         ("OWUI_CRYPTO_KMS_MAX_ATTEMPTS", "0", "from 1 to 10"),
         ("OWUI_CRYPTO_KMS_MAX_ATTEMPTS", "11", "from 1 to 10"),
         ("OWUI_CRYPTO_KMS_MAX_ATTEMPTS", "two", "from 1 to 10"),
-        ("OWUI_CRYPTO_STORE_USER_KEY", "on", "1/true/yes or 0/false/no"),
-        ("OWUI_CRYPTO_STORE_USER_KEY", "2", "1/true/yes or 0/false/no"),
     ],
 )
 def test_malformed_variable_is_named_with_a_valid_example(name: str, value: str, hint: str) -> None:
@@ -135,14 +134,22 @@ def test_other_partitions_and_regions() -> None:
     assert s.aws_region == "us-gov-west-1"
 
 
-@pytest.mark.parametrize(("value", "expected"), [("1", True), ("TRUE", True), ("yes", True),
-                                                 ("0", False), ("false", False), ("No", False), ("", False)])
-def test_store_user_key_switch(value: str, expected: bool, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="app_adapter.config"):
-        s = Settings.from_env(env(OWUI_CRYPTO_STORE_USER_KEY=value))
-    assert s.store_user_key is expected
-    # Loud when on, silent when off.
-    assert ("protects nothing" in caplog.text) is expected
+@pytest.mark.parametrize("value", ["1", "TRUE", "yes"])
+def test_the_removed_store_user_key_switch_refuses_to_start(value: str) -> None:
+    """A user_key stored beside the DEK it wraps opened every DEK for a reader of a dump."""
+    with pytest.raises(ConfigError, match="OWUI_CRYPTO_STORE_USER_KEY was removed"):
+        Settings.from_env(env(OWUI_CRYPTO_STORE_USER_KEY=value))
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", ""])
+def test_the_removed_switch_left_off_is_harmless(value: str) -> None:
+    assert Settings.from_env(env(OWUI_CRYPTO_STORE_USER_KEY=value)).user_secret_provider is None
+
+
+@pytest.mark.parametrize("value", ["module", "a b:c", "mod:func:x", ":f"])
+def test_user_secret_provider_must_be_module_colon_function(value: str) -> None:
+    with pytest.raises(ConfigError, match="OWUI_CRYPTO_USER_SECRET_PROVIDER"):
+        Settings.from_env(env(OWUI_CRYPTO_USER_SECRET_PROVIDER=value))
 
 
 def test_no_endpoint_variable_of_our_own() -> None:
@@ -171,4 +178,4 @@ def test_defaults_in_the_table_are_the_dataclass_defaults() -> None:
     assert s.kms_max_attempts == fields["kms_max_attempts"]
     assert s.kms_connect_timeout == fields["kms_connect_timeout"]
     assert s.kms_read_timeout == fields["kms_read_timeout"]
-    assert s.store_user_key == fields["store_user_key"]
+    assert s.user_secret_provider == fields["user_secret_provider"]

@@ -180,6 +180,9 @@ def serve(host: str, port: int) -> int:
     if done.provisioned or done.forgotten:
         say(f"gave keys to {len(done.provisioned)} user(s) without one; forgot keys of {len(done.forgotten)} "
             "deleted user(s)")
+    if done.weak_copies_removed:
+        say(f"removed key copies the database could open (wrapped under the user id by earlier releases) of "
+            f"{len(done.weak_copies_removed)} user(s); their KMS copies hold the same keys")
 
     imported = time.monotonic()
     import open_webui.main  # noqa: F401, PLC0415 - Open WebUI builds its app at import

@@ -226,11 +226,18 @@ class LoopBridgeCursor:
 class Reconciled:
     provisioned: tuple[str, ...]
     forgotten: tuple[str, ...]
+    weak_copies_removed: tuple[str, ...] = ()
 
 
 def reconcile(keys: KeyService) -> Reconciled:
-    """Give every user without a key one; forget registrations of users that no longer exist."""
+    """Give every user without a key one; forget registrations of users that no longer exist;
+    remove key copies that earlier releases wrapped under something the database holds."""
     provisioned, forgotten = [], []
+    with psycopg.connect(keys.dsn) as conn:
+        weak = keys.remove_weak_copies(conn)
+    for user_id in weak.refused:
+        log.warning("user %s has a key copy the database can open, but their KMS copy is missing or is not the "
+                    "same key: left as is; check kms_encrypted_dek, then run owui-crypto remove-weak-copies", user_id)
     with psycopg.connect(keys.dsn, autocommit=True) as conn:
         missing = [r[0] for r in conn.execute(
             'SELECT id FROM public."user" WHERE kms_encrypted_dek IS NULL ORDER BY id')]
@@ -245,4 +252,4 @@ def reconcile(keys: KeyService) -> Reconciled:
         with psycopg.connect(keys.dsn) as conn:
             keys.forget(conn, user_id)
         forgotten.append(user_id)
-    return Reconciled(tuple(provisioned), tuple(forgotten))
+    return Reconciled(tuple(provisioned), tuple(forgotten), tuple(weak.removed))
