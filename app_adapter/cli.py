@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 import psycopg
+from psycopg import sql
 
 from app_adapter import errors, migrate
 
@@ -43,20 +44,17 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Drift between views and base tables, and server settings that would leak chat text."""
+    from app_adapter.serverchecks import leaking_settings, path_creators
+
     problems = []
     with psycopg.connect(_libpq(args.database_url)) as conn:
-        problems += [f"{t}: {p}" for t, p in conn.execute("SELECT table_name, problem FROM owui_crypto.drift()")]
-        (max_len,) = conn.execute("SELECT current_setting('log_parameter_max_length')").fetchone()
-        (statement,) = conn.execute("SELECT current_setting('log_statement')").fetchone()
-        (duration,) = conn.execute("SELECT current_setting('log_min_duration_statement')").fetchone()
+        problems += [f"{t or 'owui_crypto'}: {p}" for t, p in conn.execute(
+            "SELECT table_name, problem FROM owui_crypto.drift()")]
         for table, column, n in conn.execute("SELECT * FROM owui_crypto.unsealed_counts() WHERE unsealed > 0"):
             problems.append(f"{table}.{column} holds {n} plaintext values written before owui-crypto was "
                             "installed: run owui-crypto seal-existing")
-        if max_len != "0" and (statement != "none" or duration != "-1"):
-            problems.append(f"the server logs statements (log_statement={statement}, log_min_duration_statement="
-                            f"{duration}) with their parameters (log_parameter_max_length={max_len}): chat text "
-                            "written by Open WebUI reaches the log. Set log_parameter_max_length = 0 "
-                            "(parameter group on RDS/Aurora).")
+        problems += leaking_settings(conn)
+        problems += path_creators(conn)
     for line in problems:
         print(f"problem: {line}")
     print("owui-crypto: healthy" if not problems else f"owui-crypto: {len(problems)} problem(s)")
@@ -64,11 +62,35 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
+    """Let ROLE use the views, and take TEMP away from it (and from PUBLIC, which every role inherits):
+    with no temporary objects, nothing a session leaves behind can shadow what a later user resolves."""
     with psycopg.connect(_libpq(args.database_url)) as conn:
         conn.execute("INSERT INTO owui_crypto.grantee VALUES (%s) ON CONFLICT DO NOTHING", (args.role,))
         conn.execute("SELECT owui_crypto.refresh()")
-    print(f"owui-crypto: {args.role} may now use the decrypting views (and nothing more)")
+        database = conn.execute("SELECT current_database()").fetchone()[0]
+        # The owner keeps TEMP: activate() keeps each session's transport entries in a temporary table.
+        conn.execute(sql.SQL("GRANT TEMPORARY ON DATABASE {db} TO CURRENT_USER").format(db=sql.Identifier(database)))
+        conn.execute(sql.SQL("REVOKE TEMPORARY ON DATABASE {db} FROM PUBLIC, {role}").format(
+            db=sql.Identifier(database), role=sql.Identifier(args.role)))
+        # Nor code planted where every keyed transaction looks (PostgreSQL 14 and older let PUBLIC
+        # create in public). A role that owns public itself is reported by check.
+        conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}").format(
+            role=sql.Identifier(args.role)))
+    print(f"owui-crypto: {args.role} may now use the decrypting views (and nothing more); "
+          f"TEMP on database {database} and CREATE on schema public are revoked from {args.role} and from PUBLIC")
     return 0
+
+
+def cmd_remove_weak_copies(args: argparse.Namespace) -> int:
+    service = _service(args)
+    with psycopg.connect(service.dsn) as conn:
+        found = service.remove_weak_copies(conn)
+    print(f"owui-crypto: removed the database-openable key copies of {len(found.removed)} users; "
+          f"kept {len(found.kept)} user-held copies")
+    for user_id in found.refused:
+        print(f"owui-crypto: user {user_id}: left as is, their KMS copy is missing or is not the same key "
+              "(check kms_encrypted_dek before removing anything)", file=sys.stderr)
+    return 1 if found.refused else 0
 
 
 def _kms():  # noqa: ANN202
@@ -136,6 +158,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(host=args.host, port=args.port)
 
 
+def cmd_recover(args: argparse.Namespace) -> int:
+    """Disaster recovery: decrypt in Python (not in SQL) so it works where owui-crypto's SQL is absent or broken."""
+    from pathlib import Path
+
+    from app_adapter.recover import read_share_key_file, recover
+
+    share_wrapped = read_share_key_file(Path(args.share_key_file)) if args.share_key_file else None
+    with _kms() as kms:
+        users = None if args.all else [*(args.user or []), *(kms.user_id(e) for e in args.email or [])]
+        done = recover(_libpq(args.database_url), kms, Path(args.out), users, share_wrapped=share_wrapped,
+                       progress=not args.no_progress)
+    for line in done.problem_lines():
+        print(line)
+    print(done.summary())
+    return 0 if done.complete else 1
+
+
+def cmd_iam_policy(args: argparse.Namespace) -> int:
+    from app_adapter import iam
+
+    print(iam.policy_json(iam.policy_from_environment(args.hmac_key_arn, args.cmk_arn, args.db_secret_arn)))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="owui-crypto", description="Install, check and operate per-user encryption of Open WebUI chats.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,13 +206,43 @@ def parser() -> argparse.ArgumentParser:
     p = add("user-id", cmd_user_id, "print the user id (KMS HMAC) of EMAIL")
     p.add_argument("email")
     add("check-keys", cmd_check_keys, "check that both KMS keys exist, are enabled and of the right spec")
+    p = add("iam-policy", cmd_iam_policy, "print the least-privilege IAM policy (JSON) for the ECS task role")
+    from app_adapter import iam  # cheap: iam imports kms (boto3) only when a policy is built
+    p.description, p.formatter_class = iam.DESCRIPTION, argparse.RawDescriptionHelpFormatter
+    p.add_argument("--hmac-key-arn", metavar="ARN", help="ARN of the HMAC key (default: KMS_HMAC_KEY_ID)")
+    p.add_argument("--cmk-arn", metavar="ARN", help="ARN of the application CMK (default: KMS_APPLICATION_CMK_ID)")
+    p.add_argument("--db-secret-arn", metavar="ARN",
+                   help="also allow secretsmanager:GetSecretValue on this secret, for a role that reads it itself "
+                        "(default: OWUI_CRYPTO_DB_SECRET_ARN; omitted if unset). Not needed on ECS, where the "
+                        "execution role fetches the task definition's secrets")
     p = with_db(add("provision", cmd_provision, "give USER_ID a data key, once"))
     p.add_argument("user_id")
     p = with_db(add("forget", cmd_forget, "crypto-shred USER_ID: delete their wrapped keys"))
     p.add_argument("user_id")
     p.add_argument("--yes", action="store_true", help="really do it")
+    with_db(add("remove-weak-copies", cmd_remove_weak_copies,
+                "remove key copies that something in the database opens (earlier releases wrapped them "
+                "under the user id), after checking each user's KMS copy is the same key"))
     p = with_db(add("seal-existing", cmd_seal_existing,
                     "seal chat content written before owui-crypto was installed (one transaction per user)"))
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = with_db(add("recover", cmd_recover,
+                    "disaster recovery: write users' chats, decrypted in Python with KMS, as Open WebUI export files"))
+    p.epilog = ("Reads Open WebUI's public tables with plain SELECTs: a live database, or a pg_dump of the public "
+                "schema restored without owui-crypto. Writes OUT/<user id>.json (Open WebUI's chat export, "
+                "importable with POST /api/v1/chats/import), OUT/shared/<user id>.json (shared-chat snapshots, if "
+                "the share key is available), OUT/recover-report.json, and OUT/<user id>.INCOMPLETE beside an export "
+                "with values that did not open. Exit 1 if any value did not open (tampered, moved, or its key is "
+                "gone). KMS settings (AWS_REGION, KMS_APPLICATION_CMK_ID, KMS_HMAC_KEY_ID...) come from the "
+                "environment.")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the export files (made 0700)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", action="append", metavar="ID", help="a user id to recover (repeatable)")
+    who.add_argument("--email", action="append", metavar="EMAIL",
+                     help="a user's email, turned into their id with KMS as sign-up does (repeatable)")
+    who.add_argument("--all", action="store_true", help="every user with a \"user\" row or a chat")
+    p.add_argument("--share-key-file", metavar="FILE",
+                   help="base64 of owui_crypto.deployment_key.kms_wrapped, for a database without that table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = add("serve", cmd_serve, "run Open WebUI with per-user encryption")
     p.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))

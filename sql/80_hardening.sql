@@ -273,21 +273,37 @@ DECLARE
     entry_id text;
     transport_key bytea;
     counter regclass;
+    ours boolean;
     payload bytea;
     fresh bigint;
     key bytea;
-    registered_key_id text;
-    registered_fingerprint bytea;
+    user_key_id text;
+    user_fingerprint bytea;
+    share_key_id text;
+    share_fingerprint bytea;
     ignored text;
 BEGIN
-    PERFORM owui_crypto.deactivate();
-    PERFORM owui_crypto.transport_entries();
-    SELECT t.id, t.key, t.counter INTO entry_id, transport_key, counter
-      FROM pg_temp.owui_crypto_transport t
-     WHERE t.id OPERATOR(pg_catalog.=) ANY (p_transport_ids)
+    -- Statements are what costs here (each is one executor run): one finds
+    -- the entry and checks who made its table, one reads both registrations.
+    ignored := pg_catalog.set_config('owui_crypto.user_id', '', true);
+    ignored := pg_catalog.set_config('owui_crypto.user_key_id', '', true);
+    ignored := pg_catalog.set_config('owui_crypto.user_key', '', true);
+    ignored := pg_catalog.set_config('owui_crypto.share_key_id', '', true);
+    ignored := pg_catalog.set_config('owui_crypto.share_key', '', true);
+    IF pg_catalog.to_regclass('pg_temp.owui_crypto_transport') IS NULL THEN
+        RETURN owui_crypto.transport_key();
+    END IF;
+    SELECT t.id, t.key, t.counter, pg_catalog.pg_get_userbyid(c.relowner) OPERATOR(pg_catalog.=) CURRENT_USER
+      INTO entry_id, transport_key, counter, ours
+      FROM pg_temp.owui_crypto_transport t, pg_catalog.pg_class c
+     WHERE c.oid OPERATOR(pg_catalog.=) 'pg_temp.owui_crypto_transport'::pg_catalog.regclass
+       AND t.id OPERATOR(pg_catalog.=) ANY (p_transport_ids)
      LIMIT 1;
     IF entry_id IS NULL THEN
         RETURN owui_crypto.transport_key();
+    END IF;
+    IF NOT ours THEN
+        PERFORM owui_crypto.transport_entries();  -- raises OC004: someone else's table
     END IF;
     offer := pg_catalog.array_position(p_transport_ids, entry_id);
 
@@ -307,10 +323,14 @@ BEGIN
         ignored := pg_catalog.setval(counter, fresh)::pg_catalog.text;
     END IF;
 
+    SELECT (SELECT k.key_id FROM owui_crypto.user_key k WHERE k.user_id OPERATOR(pg_catalog.=) p_user_id),
+           (SELECT k.fingerprint FROM owui_crypto.user_key k WHERE k.user_id OPERATOR(pg_catalog.=) p_user_id),
+           d.key_id, d.fingerprint
+      INTO user_key_id, user_fingerprint, share_key_id, share_fingerprint
+      FROM (SELECT 1) AS one LEFT JOIN owui_crypto.deployment_key d ON d.name OPERATOR(pg_catalog.=) 'share';
+
     IF p_user_id IS NOT NULL THEN
-        SELECT k.key_id, k.fingerprint INTO registered_key_id, registered_fingerprint
-          FROM owui_crypto.user_key k WHERE k.user_id OPERATOR(pg_catalog.=) p_user_id;
-        IF registered_key_id IS NULL THEN
+        IF user_key_id IS NULL THEN
             RAISE EXCEPTION 'no key is registered for user %', p_user_id
                 USING ERRCODE = 'OC005', HINT = 'Provision the user before acting as them.';
         END IF;
@@ -320,20 +340,18 @@ BEGIN
         END IF;
         key := pg_catalog.substr(payload, 9);
         IF pg_catalog.octet_length(key) OPERATOR(pg_catalog.<>) 32
-           OR owui_crypto.fingerprint(key) IS DISTINCT FROM registered_fingerprint THEN
+           OR owui_crypto.fingerprint(key) IS DISTINCT FROM user_fingerprint THEN
             RAISE EXCEPTION 'the key offered for user % is not that user''s key', p_user_id
                 USING ERRCODE = 'OC005',
                       HINT = 'The application resolved the wrong key; nothing was activated.';
         END IF;
         ignored := pg_catalog.set_config('owui_crypto.user_id', p_user_id, true);
-        ignored := pg_catalog.set_config('owui_crypto.user_key_id', registered_key_id, true);
+        ignored := pg_catalog.set_config('owui_crypto.user_key_id', user_key_id, true);
         ignored := pg_catalog.set_config('owui_crypto.user_key', pg_catalog.encode(key, 'hex'), true);
     END IF;
 
     IF p_share_keys[offer] IS NOT NULL THEN
-        SELECT d.key_id, d.fingerprint INTO registered_key_id, registered_fingerprint
-          FROM owui_crypto.deployment_key d WHERE d.name OPERATOR(pg_catalog.=) 'share';
-        IF registered_fingerprint IS NULL THEN
+        IF share_fingerprint IS NULL THEN
             RAISE EXCEPTION 'no share key is registered in this database'
                 USING ERRCODE = 'OC005', HINT = 'Start the adapter once: it creates the share key.';
         END IF;
@@ -344,11 +362,11 @@ BEGIN
         END IF;
         key := pg_catalog.substr(payload, 9);
         IF pg_catalog.octet_length(key) OPERATOR(pg_catalog.<>) 32
-           OR owui_crypto.fingerprint(key) IS DISTINCT FROM registered_fingerprint THEN
+           OR owui_crypto.fingerprint(key) IS DISTINCT FROM share_fingerprint THEN
             RAISE EXCEPTION 'the share key offered is not this deployment''s share key'
                 USING ERRCODE = 'OC005';
         END IF;
-        ignored := pg_catalog.set_config('owui_crypto.share_key_id', registered_key_id, true);
+        ignored := pg_catalog.set_config('owui_crypto.share_key_id', share_key_id, true);
         ignored := pg_catalog.set_config('owui_crypto.share_key', pg_catalog.encode(key, 'hex'), true);
     END IF;
     RETURN NULL;
@@ -648,11 +666,12 @@ BEGIN
     REVOKE ALL ON ALL FUNCTIONS IN SCHEMA owui_crypto FROM PUBLIC;
     REVOKE ALL ON ALL TABLES IN SCHEMA owui_crypto, owui_crypto_view FROM PUBLIC;
     REVOKE ALL ON ALL SEQUENCES IN SCHEMA owui_crypto FROM PUBLIC;
-    -- Types carry USAGE for PUBLIC by default (an enum and its array type).
+    -- Types carry USAGE for PUBLIC by default: the enum, and the row type of
+    -- every table and view. (Array types follow their element type.)
     FOR t IN SELECT y.oid::regtype FROM pg_catalog.pg_type y
-              WHERE y.typnamespace OPERATOR(pg_catalog.=) 'owui_crypto'::regnamespace
-                AND y.typtype OPERATOR(pg_catalog.=) ANY (ARRAY['e', 'd', 'b', 'r', 'm']::"char"[])
-                AND y.typelem OPERATOR(pg_catalog.=) 0 LOOP
+              WHERE y.typnamespace OPERATOR(pg_catalog.=) ANY (ARRAY['owui_crypto'::regnamespace, 'owui_crypto_view'::regnamespace])
+                AND y.typcategory OPERATOR(pg_catalog.<>) 'A'
+                AND pg_catalog.pg_has_role(y.typowner, 'USAGE') LOOP
         EXECUTE pg_catalog.format('REVOKE ALL ON TYPE %s FROM PUBLIC', t);
     END LOOP;
     FOR grantee IN SELECT g.role_name FROM owui_crypto.grantee g LOOP

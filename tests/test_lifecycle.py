@@ -144,7 +144,7 @@ def test_nothing_is_granted_to_public_and_definers_pin_search_path(app):
         SELECT t.oid::regtype::text FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace,
                aclexplode(coalesce(t.typacl, acldefault('T', t.typowner))) a
          WHERE n.nspname IN ('owui_crypto', 'owui_crypto_view') AND a.grantee = 0
-           AND t.typrelid = 0 AND t.typcategory <> 'A'  -- row and array types carry no privileges of their own
+           AND t.typcategory <> 'A'  -- array types carry no privileges of their own
         UNION ALL
         SELECT n.nspname FROM pg_namespace n, aclexplode(n.nspacl) a
          WHERE n.nspname IN ('owui_crypto', 'owui_crypto_view') AND a.grantee = 0""").fetchall()

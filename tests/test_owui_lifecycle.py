@@ -48,8 +48,9 @@ def sa_url(url: str) -> str:
 
 
 def key_columns(db_url: str, user_id: str):
+    """(has a KMS copy, has no copy the database could open)"""
     with psycopg.connect(db_url) as conn:
-        return conn.execute('SELECT kms_encrypted_dek IS NOT NULL, user_encrypted_dek IS NOT NULL FROM "user" '
+        return conn.execute('SELECT kms_encrypted_dek IS NOT NULL, user_encrypted_dek IS NULL FROM "user" '
                             "WHERE id = %s", (user_id,)).fetchone()
 
 
