@@ -7,12 +7,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help venv owui-venv test e2e demo demo-core bench-sql bench-keys services clean
+.PHONY: help venv owui-venv lint test e2e demo demo-core bench-sql bench-keys services clean
 
 help:
 	@echo "make demo        Open WebUI with owui-crypto on a throw-away local stack: the API's chat beside the sealed row"
 	@echo "make demo-core   the SQL core and the adapter alone (no Open WebUI; quick)"
-	@echo "make test        install into .venv and run the test suite on real PostgreSQL"
+	@echo "make test        install into .venv, run ruff and mypy, then the test suite on real PostgreSQL"
 	@echo "make e2e         the real Open WebUI 0.12.4 (in .venv-owui) behind owui-crypto serve, end to end"
 	@echo "make bench-sql   SQL Fernet vs Python cryptography, as throughput ratios"
 	@echo "make bench-keys  KMS calls and begin-hook overhead for 1,000 transactions"
@@ -28,7 +28,12 @@ $(STAMP): pyproject.toml
 services:
 	bash scripts/services.sh
 
-test: venv services
+# ruff and mypy first: seconds, and a style or type slip fails before the 2-minute suite.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: venv services lint
 	$(PY) -m pytest
 
 # Open WebUI lives in its own venv (~3 GB, torch CPU wheel first); this

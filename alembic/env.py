@@ -1,8 +1,8 @@
 """Alembic environment: owui-crypto's migrations, in their own version table."""
 
-from alembic import context
 from sqlalchemy import create_engine, pool
 
+from alembic import context
 from app_adapter.migrate import VERSION_TABLE, database_url, refresh
 
 config = context.config

@@ -11,6 +11,7 @@ import psycopg
 from psycopg import sql
 
 from app_adapter import errors, migrate
+from app_adapter.sqlrows import scalar
 
 EPILOG = """environment:
   DATABASE_URL             Open WebUI's PostgreSQL database (postgresql+psycopg://...)
@@ -37,7 +38,7 @@ def cmd_downgrade(args: argparse.Namespace) -> int:
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     with psycopg.connect(_libpq(args.database_url)) as conn:
-        n = conn.execute("SELECT owui_crypto.refresh()").fetchone()[0]
+        n = scalar(conn, "SELECT owui_crypto.refresh()")
     print(f"owui-crypto: rebuilt views and triggers of {n} protected tables")
     return 0
 
@@ -67,7 +68,7 @@ def cmd_grant(args: argparse.Namespace) -> int:
     with psycopg.connect(_libpq(args.database_url)) as conn:
         conn.execute("INSERT INTO owui_crypto.grantee VALUES (%s) ON CONFLICT DO NOTHING", (args.role,))
         conn.execute("SELECT owui_crypto.refresh()")
-        database = conn.execute("SELECT current_database()").fetchone()[0]
+        database = scalar(conn, "SELECT current_database()")
         # The owner keeps TEMP: activate() keeps each session's transport entries in a temporary table.
         conn.execute(sql.SQL("GRANT TEMPORARY ON DATABASE {db} TO CURRENT_USER").format(db=sql.Identifier(database)))
         conn.execute(sql.SQL("REVOKE TEMPORARY ON DATABASE {db} FROM PUBLIC, {role}").format(
@@ -93,7 +94,7 @@ def cmd_remove_weak_copies(args: argparse.Namespace) -> int:
     return 1 if found.refused else 0
 
 
-def _kms():  # noqa: ANN202
+def _kms():
     from app_adapter.config import Settings
     from app_adapter.kms import KmsKeys
 
@@ -113,7 +114,7 @@ def cmd_check_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service(args: argparse.Namespace):  # noqa: ANN202
+def _service(args: argparse.Namespace):
     from app_adapter.config import Settings
     from app_adapter.keys import KeyService
 
@@ -153,7 +154,7 @@ def cmd_seal_existing(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from app_adapter.serve import serve  # noqa: PLC0415 - needs open-webui installed
+    from app_adapter.serve import serve
 
     return serve(host=args.host, port=args.port)
 
@@ -184,10 +185,11 @@ def cmd_iam_policy(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
-        prog="owui-crypto", description="Install, check and operate per-user encryption of Open WebUI chats.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="owui-crypto", description="Install, check and operate per-user encryption of Open WebUI chats.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func, help: str) -> argparse.ArgumentParser:  # noqa: A002, ANN001
+    def add(name: str, func, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=func)
         return p

@@ -97,7 +97,7 @@ def find_server() -> Server:
         return Server(LOCAL_URL, "local server at 127.0.0.1:5432")
     tried.append(f"local server at 127.0.0.1:5432: {why}")
     try:
-        from testcontainers.postgres import PostgresContainer  # noqa: PLC0415
+        from testcontainers.postgres import PostgresContainer
 
         container = PostgresContainer("postgres:15", driver=None).start()
         return Server(container.get_connection_url(), "testcontainers postgres:15", keepalive=container)

@@ -42,10 +42,10 @@ def kms_emulator() -> Iterator[tuple[str, str, str]]:
 
     Points boto3 at it through its standard variables for the duration.
     """
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

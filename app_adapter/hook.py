@@ -109,7 +109,9 @@ class Adapter:
         pooled = conn.connection
         transport: Transport = pooled.info.setdefault(_TRANSPORT, Transport())
         acting = _acting.get()
-        cursor = pooled.dbapi_connection.cursor()
+        raw = pooled.dbapi_connection
+        assert raw is not None, "a connection inside a transaction has its DB-API connection"
+        cursor = raw.cursor()
         trips, renewals = transport.round_trips, transport.renewals
         try:
             transport.activate(cursor,

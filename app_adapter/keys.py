@@ -30,6 +30,7 @@ from app_adapter.errors import CannotUnwrap, InvalidInput, NotProvisioned
 from app_adapter.keycache import KeyCache
 from app_adapter.kms import DEK_BYTES, KmsKeys
 from app_adapter.secret import SecretBytes
+from app_adapter.sqlrows import scalar
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,8 @@ class KeyService:
         conn.execute("SELECT owui_crypto.register_deployment_key(%s, %s, %s, %s)",
                      (SHARE_KEY, userkeys.fingerprint(key), self.settings.application_cmk_id, wrapped))
         # Another process may have registered first: use whatever is stored.
-        row = conn.execute("SELECT kms_wrapped FROM owui_crypto.deployment_key_wrapped(%s)", (SHARE_KEY,)).fetchone()
-        return self.kms.unwrap_deployment_key(SHARE_KEY, bytes(row[0]))
+        stored = scalar(conn, "SELECT kms_wrapped FROM owui_crypto.deployment_key_wrapped(%s)", (SHARE_KEY,))
+        return self.kms.unwrap_deployment_key(SHARE_KEY, bytes(stored))
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -151,8 +152,8 @@ class KeyService:
         if user_secret is not None:
             salt = userkeys.new_salt()
             sealed = userkeys.seal_dek_for_user(dek, userkeys.derive_user_key(user_secret, salt)).decode("ascii")
-        cur.execute('UPDATE public."user" SET salt = %s, user_encrypted_dek = %s, user_key = NULL, kms_encrypted_dek = %s'
-                    " WHERE id = %s", (salt, sealed, wrapped, user_id))
+        cur.execute('UPDATE public."user" SET salt = %s, user_encrypted_dek = %s, user_key = NULL,'
+                    " kms_encrypted_dek = %s WHERE id = %s", (salt, sealed, wrapped, user_id))
         cur.execute("SELECT owui_crypto.register_user_key(%s, %s)", (user_id, userkeys.fingerprint(dek)))
         key_id = cur.fetchone()[0]
         return Provisioned(user_id, key_id, created=True)

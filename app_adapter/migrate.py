@@ -11,9 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from alembic import command, op
 from alembic.config import Config
 from sqlalchemy.engine import Connection
+
+from alembic import command, op
 
 VERSION_TABLE = "owui_crypto_alembic_version"
 
@@ -56,8 +57,13 @@ def run_sql_file(connection: Connection, name: str) -> None:
     text = project_file("sql", name).read_text(encoding="utf-8")
     # The raw DB-API cursor without parameters: psycopg then sends the file as
     # one simple-protocol query, so multi-statement files and '%' just work.
-    with connection.connection.dbapi_connection.cursor() as cursor:
+    raw = connection.connection.dbapi_connection
+    assert raw is not None, "a connection checked out of the pool has its DB-API connection"
+    cursor = raw.cursor()
+    try:
         cursor.execute(text)
+    finally:
+        cursor.close()
 
 
 def apply_sql(*names: str) -> None:

@@ -50,6 +50,7 @@ from app_adapter import userkeys
 from app_adapter.errors import CannotUnwrap, InvalidInput, OwuiCryptoError
 from app_adapter.kms import KmsKeys
 from app_adapter.sealed_rows import POLICY, Failure, Key, Schema, open_row, select_list
+from app_adapter.sqlrows import scalar
 
 __all__ = ["REPORT", "Recovery", "RecoveryError", "UserResult", "read_share_key_file", "recover"]
 
@@ -204,7 +205,7 @@ def _share_key(conn: psycopg.Connection, kms: KmsKeys, wrapped: bytes | None) ->
     if wrapped is None:
         where = "owui_crypto.deployment_key"
         try:
-            if conn.execute("SELECT pg_catalog.to_regclass('owui_crypto.deployment_key')").fetchone()[0] is None:
+            if scalar(conn, "SELECT pg_catalog.to_regclass('owui_crypto.deployment_key')") is None:
                 return Key.unavailable(f"no {where} in this database (a dump of the public schema only?); "
                                        "pass --share-key-file")
             row = conn.execute("SELECT kms_wrapped FROM owui_crypto.deployment_key WHERE name = %s",
@@ -243,7 +244,7 @@ def _user_key(conn: psycopg.Connection, kms: KmsKeys, schema: Schema, user_id: s
     return Key(dek, userkeys.key_id(dek)), True
 
 
-def _rows(conn: psycopg.Connection, query: sql.Composable, params: tuple[Any, ...]) -> Iterator[dict[str, Any]]:
+def _rows(conn: psycopg.Connection, query: sql.Composed, params: tuple[Any, ...]) -> Iterator[dict[str, Any]]:
     """Rows through a server-side cursor: a user with thousands of long chats never sits in memory whole."""
     with conn.cursor(name="owui_crypto_recover", row_factory=dict_row) as cur:
         cur.itersize = _FETCH

@@ -117,7 +117,7 @@ def select_list(schema: Schema, table: str, columns: Sequence[str], alias: str) 
         if column in schema.json_columns[table]:
             parts.append(sql.SQL("{}::text AS {}").format(ident, sql.Identifier(column)))
         else:
-            parts.append(ident)
+            parts.append(sql.SQL("{}").format(ident))
     return sql.SQL(", ").join(parts)
 
 

@@ -178,7 +178,7 @@ def _wait_healthy(handle: Owui, started: float) -> None:
     raise AssertionError(f"Open WebUI not healthy after {STARTUP_TIMEOUT:.0f} s:\n{handle.log()[-6000:]}")
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     TIMINGS["suite_s"] = time.monotonic() - _SESSION_STARTED
     terminalreporter.write_sep("=", "owui-crypto e2e timings")
     labels = {"owui_startup_s": "Open WebUI start-up (spawn to /health 200)",

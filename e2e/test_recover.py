@@ -44,7 +44,7 @@ def admin_token(owui: Owui) -> str:
 
 
 def new_user(owui: Owui, admin: str, name: str) -> User:
-    email = f"{name.split()[0].lower()}-{uuid.uuid4().hex[:8]}@example.com"
+    email = f"{name.split(maxsplit=1)[0].lower()}-{uuid.uuid4().hex[:8]}@example.com"
     with owui.client(admin) as c, owui.client() as anonymous:
         return add_user(c, name, email, "recover-Pw-12345", anonymous)
 

@@ -20,7 +20,8 @@ CLI = str(Path(sys.executable).with_name("owui-crypto"))
 ])
 def test_serve_refuses_and_says_what_to_change(tmp_path, env, says):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "UVICORN_"))}
-    result = subprocess.run([CLI, "serve"], env={**clean, "WEBUI_SECRET_KEY": "x" * 32, **env}, cwd=tmp_path,
+    result = subprocess.run([CLI, "serve"], check=False, env={**clean, "WEBUI_SECRET_KEY": "x" * 32, **env},
+                            cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and says in result.stderr, result.stderr
     assert "Traceback" not in result.stderr

@@ -144,7 +144,7 @@ def main() -> int:
                 conn.execute("TRUNCATE bench_value")
                 with conn.cursor() as cur:
                     cur.executemany("INSERT INTO bench_value (i, m, t) VALUES (%s, %s, %s)",
-                                    [(i, m, t.decode()) for i, (m, t) in enumerate(zip(messages, tokens))])
+                                    [(i, m, t.decode()) for i, (m, t) in enumerate(zip(messages, tokens, strict=True))])
                 conn.execute(f"UPDATE bench_value SET s = (SELECT {SEALED_BY} FROM (SELECT %s::bytea AS k, m) AS x)",
                              (key,))
                 for op, (expr, method) in MEASURED.items():

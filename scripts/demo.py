@@ -12,6 +12,7 @@ keeps serving until Ctrl-C; without one it stops after printing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -111,10 +112,8 @@ def main() -> int:
                          "chat, as it sits in public.chat", raw_chat)
             if args.keep_running:
                 print(f"serving at {base_url}; Ctrl-C stops and removes everything")
-                try:
+                with contextlib.suppress(KeyboardInterrupt):
                     process.wait()
-                except KeyboardInterrupt:
-                    pass
         finally:
             process.terminate()
             try:

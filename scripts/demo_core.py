@@ -22,7 +22,6 @@ from app_adapter.hook import Adapter
 from app_adapter.keys import KeyService
 
 
-
 def main() -> int:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with local_stack() as stack:
@@ -52,7 +51,8 @@ def main() -> int:
         with adapter.acting_as_sync(bob), engine.begin() as conn:
             b_title, b_chat = conn.execute(select).one()
         with psycopg.connect(stack.url) as conn:
-            raw_title, raw_chat = conn.execute("SELECT title, chat::text FROM public.chat WHERE id = 'chat-1'").fetchone()
+            raw_title, raw_chat = conn.execute(
+                "SELECT title, chat::text FROM public.chat WHERE id = 'chat-1'").fetchone()
         side_by_side("title, as Alice reads it", a_title, "title, as stored in public.chat", raw_title)
         side_by_side("chat, as Alice reads it", a_chat, "chat, as stored in public.chat", raw_chat)
         side_by_side("title, as Bob reads it", b_title, "chat, as Bob reads it", b_chat)

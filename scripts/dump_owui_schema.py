@@ -72,9 +72,7 @@ def libpq_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise SystemExit(f"not a URL: {url!r}")
-    if scheme.startswith("postgresql+") or scheme.startswith("postgres+"):
-        scheme = "postgresql"
-    elif scheme == "postgres":
+    if scheme.startswith("postgresql+") or scheme.startswith("postgres+") or scheme == "postgres":
         scheme = "postgresql"
     if scheme != "postgresql":
         raise SystemExit(f"need a postgresql:// URL, got scheme {scheme!r}")
@@ -102,7 +100,7 @@ def run_owui_migrations(db_url: str, workdir: str, verbose: bool) -> None:
             "HOME": workdir,
         }
     )
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: PLW1510 - the return code is examined below
         [sys.executable, "-c", MIGRATE_CODE],
         cwd=workdir,
         env=env,
@@ -175,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
         import psycopg
         from psycopg import sql
     except ImportError:
-        raise SystemExit("psycopg is missing: run this with the venv of scripts/owui_env.sh")
+        raise SystemExit("psycopg is missing: run this with the venv of scripts/owui_env.sh") from None
     try:
         owui_version = metadata.version("open-webui")
     except metadata.PackageNotFoundError:
-        raise SystemExit("open-webui is not installed: run scripts/owui_env.sh first")
+        raise SystemExit("open-webui is not installed: run scripts/owui_env.sh first") from None
     for tool in ("pg_dump",):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found on PATH")
@@ -233,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             "-- Loads with psql -v ON_ERROR_STOP=1 into an empty database owned by a\n"
             "-- non-superuser role.\n\n"
         )
-        inserts = [l for l in data.splitlines() if l.startswith("INSERT INTO ")]
+        inserts = [line for line in data.splitlines() if line.startswith("INSERT INTO ")]
         if len(inserts) != 1:
             raise SystemExit(f"expected one alembic_version INSERT, got {inserts!r}")
         body = (

@@ -51,10 +51,11 @@ def running_pgbouncer(pg_server: devdb.Server, *, pool_size: int = 4,
     port = _free_port()
     workdir = Path(tempfile.mkdtemp(prefix="owui-crypto-pgbouncer-"))
     user = target.username or "postgres"
+    password = f" password={target.password}" if target.password else ""
     (workdir / "users.txt").write_text(f'"{user}" "{target.password or ""}"\n' + "".join(f'"{u}" ""\n' for u in users))
     (workdir / "pgbouncer.ini").write_text(f"""
 [databases]
-* = host={target.hostname or '127.0.0.1'} port={target.port or 5432}{' password=' + target.password if target.password else ''}
+* = host={target.hostname or '127.0.0.1'} port={target.port or 5432}{password}
 
 [pgbouncer]
 listen_addr = 127.0.0.1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import logging
 import socket
 import threading
 import time
@@ -200,7 +199,8 @@ def _pool_is_clean(engine: sa.Engine) -> list[tuple]:
         raw = engine.raw_connection()
         held.append(raw)
         cur = raw.cursor()
-        cur.execute("SELECT current_setting('owui_crypto.user_key', true), current_setting('owui_crypto.share_key', true)")
+        cur.execute("SELECT current_setting('owui_crypto.user_key', true),"
+                    " current_setting('owui_crypto.share_key', true)")
         row = cur.fetchone()
         raw.rollback()
         if any(row):

@@ -64,7 +64,8 @@ def workload(db_url: str, keyring) -> dict[str, str]:
             conn.execute("UPDATE chat SET title = %s WHERE id = %s", (CANARY_TITLE + "-bob", chat_id))
         conn.rollback()
         with pytest.raises(psycopg.Error):
-            conn.execute("SELECT owui_crypto.activate(%s, %s, %s, NULL)", (alice, list(transport.known), ["gAAAAgarbled"]))
+            conn.execute("SELECT owui_crypto.activate(%s, %s, %s, NULL)",
+                         (alice, list(transport.known), ["gAAAAgarbled"]))
         conn.rollback()
     for query in seen_activity:
         for key in (keyring.keys[alice], keyring.keys[bob], keyring.share()):

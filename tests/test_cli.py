@@ -16,7 +16,7 @@ UUID_V8 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[
 
 
 def owui_crypto(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app_adapter.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "app_adapter.cli", *args], check=False, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=120)
 
 

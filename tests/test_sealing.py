@@ -221,7 +221,8 @@ def test_json_round_trips_byte_for_byte(app, keyring):
     # json operators work on the opened value; with duplicate keys json's last one wins.
     app.execute("""INSERT INTO chat (id, user_id, title, chat, meta)
                    VALUES ('j2', %s, 't', '{"a": 1, "k": {"y": null}, "a": "dup"}', '{}')""", (alice,))
-    assert app.execute("SELECT chat->'k'->>'y' IS NULL, chat->>'a' FROM chat WHERE id = 'j2'").fetchone() == (True, "dup")
+    row = app.execute("SELECT chat->'k'->>'y' IS NULL, chat->>'a' FROM chat WHERE id = 'j2'").fetchone()
+    assert row == (True, "dup")
 
 
 def test_python_opens_what_sql_sealed_with_binding(app, keyring):

@@ -118,7 +118,7 @@ def acting_as_owner(adapter: Adapter, func: Callable[..., Awaitable[Any]],
     async def acting(*args: Any, **kwargs: Any) -> Any:
         try:
             owner = await owner_of(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - the wrapped function reports its own failures
+        except Exception:
             log.exception("%s: could not find the owner to act as", func.__name__)
             owner = None
         if owner:

@@ -30,6 +30,7 @@ import psycopg
 from app_adapter import migrate
 from app_adapter.errors import ConfigError
 from app_adapter.owui import compat
+from app_adapter.sqlrows import scalar
 
 #: Variables from which Open WebUI builds a database URL that overrides DATABASE_URL (env.py:273-294).
 _URL_PARTS = ("DATABASE_TYPE", "DATABASE_USER", "DATABASE_HOST", "DATABASE_PORT", "DATABASE_NAME")
@@ -123,7 +124,7 @@ def detach_views(url: str) -> bool:
     """Drop owui-crypto's views (if installed) so Open WebUI's migrations may drop or retype columns.
     The base tables keep sealing; ``migrate.upgrade`` builds the views again right after."""
     with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True) as conn:
-        if conn.execute("SELECT to_regprocedure('owui_crypto.detach()') IS NULL").fetchone()[0]:
+        if scalar(conn, "SELECT to_regprocedure('owui_crypto.detach()') IS NULL"):
             return False
         conn.execute("SELECT owui_crypto.detach()")
     return True
@@ -185,7 +186,7 @@ def serve(host: str, port: int) -> int:
             f"{len(done.weak_copies_removed)} user(s); their KMS copies hold the same keys")
 
     imported = time.monotonic()
-    import open_webui.main  # noqa: F401, PLC0415 - Open WebUI builds its app at import
+    import open_webui.main  # noqa: F401 - Open WebUI builds its app at import
 
     say(f"Open WebUI imported in {time.monotonic() - imported:.1f} s")
     compat.check_shapes()
