@@ -429,6 +429,38 @@ BEGIN
 END
 $$;
 
+-- The SQL of one protected column, for the view (alias t) and both triggers
+-- (NEW, OLD, and `owner` / `expected` of the trigger's DECLARE). A value is
+-- bound to its table, column and row; sql/90_coverage.sql extends this to
+-- members of a JSON object. (Text arguments, not the policy's types: removing
+-- owui-crypto step by step must meet no dependency on them.)
+CREATE OR REPLACE FUNCTION owui_crypto.column_sql(
+    p_table name, col name, family text, type_sql text, placeholder text, kind text, row_id name,
+    OUT open_expr text,         -- the view's opened value
+    OUT seal_expr text,         -- NEW's value sealed as the view's triggers seal it (always)
+    OUT unchanged_test text,    -- NEW still holds what OLD held
+    OUT stranger_test text,     -- the base table's trigger: NEW holds plaintext
+    OUT direct_seal_expr text)  -- ... and this seals it
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    binding text := pg_catalog.format('%L || %%s.%I::pg_catalog.text',
+                                      p_table OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) col OPERATOR(pg_catalog.||) '/', row_id);
+    as_json text := CASE family WHEN 'jsonb' THEN '::pg_catalog.json' ELSE '' END;
+BEGIN
+    open_expr := owui_crypto.open_sql(family, type_sql, 't', col, pg_catalog.format(binding, 't'), placeholder);
+    seal_expr := owui_crypto.seal_sql(family, col, kind::owui_crypto.key_kind, pg_catalog.format(binding, 'NEW'));
+    unchanged_test := owui_crypto.unchanged_sql(family, col);
+    -- Plaintext: anything but an envelope under the row's own key id, except
+    -- an envelope the row already held (whatever key sealed it: metadata
+    -- updates need no key, and nothing is sealed twice).
+    stranger_test := pg_catalog.format(
+        '(NEW.%1$I IS NOT NULL AND owui_crypto.envelope_key_id(NEW.%1$I%3$s) IS DISTINCT FROM expected'
+        ' AND NOT (TG_OP = ''UPDATE'' AND %2$s AND owui_crypto.envelope_key_id(NEW.%1$I%3$s) IS NOT NULL))',
+        col, unchanged_test, as_json);
+    direct_seal_expr := seal_expr;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION owui_crypto.generate(p_table name) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $gen$
 DECLARE
@@ -447,9 +479,8 @@ DECLARE
     changed_tests text[] := '{}';
     nonnull_tests text[] := '{}';
     stranger_tests text[] := '{}';
-    stranger text;
     direct_seals text := '';
-    binding text;
+    parts record;
 BEGIN
     SELECT * INTO STRICT policy FROM owui_crypto.protected_table p WHERE p.table_name OPERATOR(pg_catalog.=) p_table;
     IF pg_catalog.to_regclass(base) IS NULL THEN
@@ -489,31 +520,21 @@ BEGIN
             RAISE EXCEPTION 'protected column %.% has type %, which owui-crypto cannot seal', base, c.column_name, c.type_sql
                 USING ERRCODE = 'OC011', HINT = 'Protect only text, unbounded varchar, json or jsonb columns.';
         END IF;
-        binding := pg_catalog.format('%L || %s.%I::pg_catalog.text', p_table OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) c.column_name OPERATOR(pg_catalog.||) '/', '%s', policy.row_id);
-        select_list := select_list OPERATOR(pg_catalog.||) (owui_crypto.open_sql(c.family, c.type_sql, 't', c.column_name,
-                                           pg_catalog.format(binding, 't'), c.placeholder)
-                                       OPERATOR(pg_catalog.||) ' AS ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.column_name));
-        insert_vals := insert_vals OPERATOR(pg_catalog.||) owui_crypto.seal_sql(c.family, c.column_name, policy.key_kind, pg_catalog.format(binding, 'NEW'));
-        -- Unchanged (same row, same opened value): keep the stored envelope.
+        parts := owui_crypto.column_sql(p_table, c.column_name, c.family, c.type_sql, c.placeholder,
+                                        policy.key_kind::pg_catalog.text, policy.row_id);
+        select_list := select_list OPERATOR(pg_catalog.||) (parts.open_expr OPERATOR(pg_catalog.||) ' AS '
+                                                            OPERATOR(pg_catalog.||) pg_catalog.quote_ident(c.column_name));
+        insert_vals := insert_vals OPERATOR(pg_catalog.||) parts.seal_expr;
+        -- Unchanged (same row, same opened value): keep the stored value.
         update_sets := update_sets OPERATOR(pg_catalog.||) pg_catalog.format(
             '%1$I = CASE WHEN NEW.%2$I IS NOT DISTINCT FROM OLD.%2$I AND %3$s THEN %1$I ELSE %4$s END',
-            c.column_name, policy.row_id, owui_crypto.unchanged_sql(c.family, c.column_name),
-            owui_crypto.seal_sql(c.family, c.column_name, policy.key_kind, pg_catalog.format(binding, 'NEW')));
-        changed_tests := changed_tests OPERATOR(pg_catalog.||) pg_catalog.format('NOT (%s)', owui_crypto.unchanged_sql(c.family, c.column_name));
+            c.column_name, policy.row_id, parts.unchanged_test, parts.seal_expr);
+        changed_tests := changed_tests OPERATOR(pg_catalog.||) pg_catalog.format('NOT (%s)', parts.unchanged_test);
         nonnull_tests := nonnull_tests OPERATOR(pg_catalog.||) pg_catalog.format('NEW.%I IS NOT NULL', c.column_name);
-        -- Plaintext in this column: anything but an envelope under the row's
-        -- own key id, except an envelope the row already held (whatever key
-        -- sealed it: metadata updates need no key, and nothing is sealed twice).
-        stranger := pg_catalog.format(
-            '(NEW.%1$I IS NOT NULL AND owui_crypto.envelope_key_id(NEW.%1$I%3$s) IS DISTINCT FROM expected'
-            ' AND NOT (TG_OP = ''UPDATE'' AND %2$s AND owui_crypto.envelope_key_id(NEW.%1$I%3$s) IS NOT NULL))',
-            c.column_name, owui_crypto.unchanged_sql(c.family, c.column_name),
-            CASE c.family WHEN 'jsonb' THEN '::pg_catalog.json' ELSE '' END);
-        stranger_tests := stranger_tests OPERATOR(pg_catalog.||) stranger;
+        stranger_tests := stranger_tests OPERATOR(pg_catalog.||) parts.stranger_test;
         direct_seals := direct_seals OPERATOR(pg_catalog.||) pg_catalog.format(
             E'            IF %s THEN\n                NEW.%I := %s;\n            END IF;\n',
-            stranger, c.column_name,
-            owui_crypto.seal_sql(c.family, c.column_name, policy.key_kind, pg_catalog.format(binding, 'NEW')));
+            parts.stranger_test, c.column_name, parts.direct_seal_expr);
     END LOOP;
 
     -- The view. Dropped and made anew, so columns Open WebUI added, dropped or
