@@ -30,11 +30,12 @@ from app_adapter.secret import SecretBytes
 
 __all__ = ["POLICY", "Failure", "Key", "Schema", "open_row", "select_list"]
 
-#: Sealed columns per table, as ``sql/40_policy.sql`` lists them. chat and
+#: Sealed columns of the tables recover exports, as the policy lists them
+#: (``sql/40_policy.sql``, ``sql/90_coverage.sql``). chat and
 #: chat_message rows are sealed under their owner's DEK (a message's owner is
 #: its chat's owner), shared_chat rows under the deployment's share key.
 POLICY: Mapping[str, tuple[str, ...]] = {
-    "chat": ("title", "chat", "summary"),
+    "chat": ("title", "chat", "summary", "tasks", "variables"),
     "chat_message": ("content", "output", "files", "sources", "embeds", "status_history", "error",
                      "context_summary"),
     "shared_chat": ("title", "chat"),

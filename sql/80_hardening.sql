@@ -89,11 +89,14 @@ CREATE OR REPLACE FUNCTION owui_crypto.is_sealed(value json) RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN owui_crypto.envelope_key_id(value) IS NOT NULL;
 
+-- JSON null is left as it is, like SQL NULL (sql/90_coverage.sql).
 CREATE OR REPLACE FUNCTION owui_crypto.unsealed_sql(family text, rec text, col name) RETURNS text
 LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp
-RETURN pg_catalog.format(CASE family WHEN 'jsonb' THEN '(%1$s.%2$I IS NOT NULL AND owui_crypto.envelope_key_id(%1$s.%2$I::pg_catalog.json) IS NULL)'
-                                     ELSE '(%1$s.%2$I IS NOT NULL AND owui_crypto.envelope_key_id(%1$s.%2$I) IS NULL)' END,
-                         rec, col);
+RETURN pg_catalog.format(CASE family
+    WHEN 'jsonb' THEN '(%1$s.%2$I IS NOT NULL AND %1$s.%2$I::pg_catalog.text <> ''null'' AND owui_crypto.envelope_key_id(%1$s.%2$I::pg_catalog.json) IS NULL)'
+    WHEN 'json' THEN '(%1$s.%2$I IS NOT NULL AND %1$s.%2$I::pg_catalog.text <> ''null'' AND owui_crypto.envelope_key_id(%1$s.%2$I) IS NULL)'
+    ELSE '(%1$s.%2$I IS NOT NULL AND owui_crypto.envelope_key_id(%1$s.%2$I) IS NULL)' END,
+    rec, col);
 
 -- -- Who is acting -----------------------------------------------------------------
 
@@ -446,20 +449,45 @@ DECLARE
     binding text := pg_catalog.format('%L || %%s.%I::pg_catalog.text',
                                       p_table OPERATOR(pg_catalog.||) '.' OPERATOR(pg_catalog.||) col OPERATOR(pg_catalog.||) '/', row_id);
     as_json text := CASE family WHEN 'jsonb' THEN '::pg_catalog.json' ELSE '' END;
+    back text := CASE family WHEN 'jsonb' THEN '::pg_catalog.jsonb' ELSE '' END;
+    members text[] := owui_crypto.protected_members(p_table, col);
 BEGIN
+    unchanged_test := owui_crypto.unchanged_sql(family, col);
+    IF members IS NOT NULL THEN
+        -- Only these members of a JSON object are sealed, each bound to
+        -- "table.column/row id#member"; the rest stays for SQL to filter on.
+        open_expr := pg_catalog.format('owui_crypto.open_members(t.%1$I%2$s, %3$L, %4$s, %5$L)%6$s',
+                                       col, as_json, members, pg_catalog.format(binding, 't'), placeholder, back);
+        seal_expr := pg_catalog.format('owui_crypto.seal_members(NEW.%1$I%2$s, %3$L, %4$L, owner, %5$s, NULL)%6$s',
+                                       col, as_json, members, kind, pg_catalog.format(binding, 'NEW'), back);
+        stranger_test := pg_catalog.format(
+            '(NEW.%1$I IS NOT NULL AND owui_crypto.members_to_seal(NEW.%1$I%3$s, %4$L, expected)'
+            ' AND NOT (TG_OP = ''UPDATE'' AND %2$s AND NOT owui_crypto.members_to_seal(NEW.%1$I%3$s, %4$L, ''*'')))',
+            col, unchanged_test, as_json, members);
+        direct_seal_expr := pg_catalog.format('owui_crypto.seal_members(NEW.%1$I%2$s, %3$L, %4$L, owner, %5$s, expected)%6$s',
+                                              col, as_json, members, kind, pg_catalog.format(binding, 'NEW'), back);
+        RETURN;
+    END IF;
     open_expr := owui_crypto.open_sql(family, type_sql, 't', col, pg_catalog.format(binding, 't'), placeholder);
     seal_expr := owui_crypto.seal_sql(family, col, kind::owui_crypto.key_kind, pg_catalog.format(binding, 'NEW'));
-    unchanged_test := owui_crypto.unchanged_sql(family, col);
     -- Plaintext: anything but an envelope under the row's own key id, except
     -- an envelope the row already held (whatever key sealed it: metadata
-    -- updates need no key, and nothing is sealed twice).
+    -- updates need no key, and nothing is sealed twice). JSON null is left
+    -- as it is, like SQL NULL.
     stranger_test := pg_catalog.format(
-        '(NEW.%1$I IS NOT NULL AND owui_crypto.envelope_key_id(NEW.%1$I%3$s) IS DISTINCT FROM expected'
+        '(NEW.%1$I IS NOT NULL%4$s AND owui_crypto.envelope_key_id(NEW.%1$I%3$s) IS DISTINCT FROM expected'
         ' AND NOT (TG_OP = ''UPDATE'' AND %2$s AND owui_crypto.envelope_key_id(NEW.%1$I%3$s) IS NOT NULL))',
-        col, unchanged_test, as_json);
+        col, unchanged_test, as_json,
+        CASE WHEN family IN ('json', 'jsonb') THEN pg_catalog.format(' AND NEW.%I::pg_catalog.text <> ''null''', col) ELSE '' END);
     direct_seal_expr := seal_expr;
 END
 $$;
+
+-- The members of a JSON column that are sealed, or NULL for the whole value
+-- (sql/90_coverage.sql makes this read the policy).
+CREATE OR REPLACE FUNCTION owui_crypto.protected_members(p_table name, col name) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+RETURN NULL::text[];
 
 CREATE OR REPLACE FUNCTION owui_crypto.generate(p_table name) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $gen$
@@ -653,28 +681,27 @@ $gen$;
 
 -- The functions the application's role calls, directly or as the invoker of
 -- the views' opening code. Everything else (the generator, the triggers, the
--- transport internals, seal_text) runs as the owner or not at all.
-CREATE OR REPLACE FUNCTION owui_crypto.runtime_functions() RETURNS text[]
-LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    RETURN ARRAY[
-        -- keys
-        'owui_crypto.activate(text, text[], text[], text[])', 'owui_crypto.active_user()', 'owui_crypto.deactivate()',
-        'owui_crypto.register_user_key(text, bytea)', 'owui_crypto.register_deployment_key(text, bytea, text, bytea)',
-        'owui_crypto.deployment_key_wrapped(text)', 'owui_crypto.forget_user_key(text)',
-        -- the views open as the reader
-        'owui_crypto.open_text(text, text, text)', 'owui_crypto.open_json(json, text, json)',
-        'owui_crypto.opening_key(text)', 'owui_crypto.fernet_open(bytea, text, bigint, bigint)',
-        'owui_crypto.value_key(bytea, text)', 'owui_crypto.hmac(bytea, bytea, text)',
-        'owui_crypto.decrypt_iv(bytea, bytea, bytea, text)',
-        -- health and backfill (read the catalogs; write only through the triggers)
-        'owui_crypto.drift()', 'owui_crypto.column_signature(regclass)', 'owui_crypto.trigger_enabled(regclass, name)',
-        'owui_crypto.unsealed_counts()', 'owui_crypto.seal_existing(text)', 'owui_crypto.columns_of(name)',
-        'owui_crypto.unsealed_sql(text, text, name)', 'owui_crypto.envelope_key_id(text)',
-        'owui_crypto.envelope_key_id(json)', 'owui_crypto.is_sealed(text)', 'owui_crypto.is_sealed(json)'
-    ];
-END
-$$;
+-- transport internals, seal_text) runs as the owner or not at all. A table,
+-- so that later migrations add to it.
+CREATE TABLE IF NOT EXISTS owui_crypto.runtime_function (
+    signature text PRIMARY KEY  -- as regprocedure reads it
+);
+INSERT INTO owui_crypto.runtime_function (signature) VALUES
+    -- keys
+    ('owui_crypto.activate(text, text[], text[], text[])'), ('owui_crypto.active_user()'), ('owui_crypto.deactivate()'),
+    ('owui_crypto.register_user_key(text, bytea)'), ('owui_crypto.register_deployment_key(text, bytea, text, bytea)'),
+    ('owui_crypto.deployment_key_wrapped(text)'), ('owui_crypto.forget_user_key(text)'),
+    -- the views open as the reader
+    ('owui_crypto.open_text(text, text, text)'), ('owui_crypto.open_json(json, text, json)'),
+    ('owui_crypto.opening_key(text)'), ('owui_crypto.fernet_open(bytea, text, bigint, bigint)'),
+    ('owui_crypto.value_key(bytea, text)'), ('owui_crypto.hmac(bytea, bytea, text)'),
+    ('owui_crypto.decrypt_iv(bytea, bytea, bytea, text)'),
+    -- health and backfill (read the catalogs; write only through the triggers)
+    ('owui_crypto.drift()'), ('owui_crypto.column_signature(regclass)'), ('owui_crypto.trigger_enabled(regclass, name)'),
+    ('owui_crypto.unsealed_counts()'), ('owui_crypto.seal_existing(text)'), ('owui_crypto.columns_of(name)'),
+    ('owui_crypto.unsealed_sql(text, text, name)'), ('owui_crypto.envelope_key_id(text)'),
+    ('owui_crypto.envelope_key_id(json)'), ('owui_crypto.is_sealed(text)'), ('owui_crypto.is_sealed(json)')
+ON CONFLICT DO NOTHING;
 
 CREATE OR REPLACE FUNCTION owui_crypto.grant_runtime() RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -699,7 +726,7 @@ BEGIN
         EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA owui_crypto, owui_crypto_view TO %I', grantee);
         EXECUTE pg_catalog.format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA owui_crypto_view TO %I', grantee);
         EXECUTE pg_catalog.format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA owui_crypto FROM %I', grantee);
-        FOREACH f IN ARRAY owui_crypto.runtime_functions() LOOP
+        FOR f IN SELECT r.signature FROM owui_crypto.runtime_function r ORDER BY 1 LOOP
             EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', f, grantee);
         END LOOP;
     END LOOP;

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,13 +137,25 @@ def run_owui_migrations() -> None:
     command.upgrade(owui_alembic_config(), "head")
 
 
-def check_drift(url: str) -> None:
+ACCEPT_UNCLASSIFIED = "OWUI_CRYPTO_ACCEPT_UNCLASSIFIED"
+
+
+def check_drift(url: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse to serve when the views do not match the tables, or when Open WebUI has a text or JSON
+    column the policy has not decided on (a new release): it would keep a user's words in plaintext."""
     with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True) as conn:
         drift = conn.execute("SELECT table_name, problem FROM owui_crypto.drift()").fetchall()
+        unclassified = [f"{t}.{c}" for t, c, _ in conn.execute("SELECT * FROM owui_crypto.unclassified_columns()")]
     if drift:
         raise ServeRefused("the decrypting views do not match Open WebUI's tables after migrating:\n  - "
-                           + "\n  - ".join(f"{t}: {p}" for t, p in drift) + "\nRun `owui-crypto refresh` and check "
-                           "sql/40_policy.sql against this Open WebUI release")
+                           + "\n  - ".join(f"{t or 'owui_crypto'}: {p}" for t, p in drift)
+                           + "\nRun `owui-crypto refresh` and check sql/40_policy.sql against this Open WebUI release")
+    accepted = {c.strip() for c in environ.get(ACCEPT_UNCLASSIFIED, "").split(",") if c.strip()}
+    if undecided := [c for c in unclassified if c not in accepted]:
+        raise ServeRefused(f"Open WebUI has {len(undecided)} text or JSON column(s) that owui-crypto's policy neither "
+                           f"seals nor keeps plaintext by decision: {', '.join(undecided)}. Whatever it writes there "
+                           "stays plaintext. Add them to the policy (sealed, or owui_crypto.plaintext_column with a "
+                           f"reason), or start once with {ACCEPT_UNCLASSIFIED}={','.join(undecided)}")
 
 
 def serve(host: str, port: int) -> int:
