@@ -56,6 +56,9 @@ def cmd_check(args: argparse.Namespace) -> int:
                             "installed: run owui-crypto seal-existing")
         problems += leaking_settings(conn)
         problems += path_creators(conn)
+        problems += [f"{t}.{c} ({type_sql}) is neither sealed nor plaintext by decision: a new Open WebUI column? "
+                     "Decide in the policy (sql/90_coverage.sql); owui-crypto serve refuses to start until then"
+                     for t, c, type_sql in conn.execute("SELECT * FROM owui_crypto.unclassified_columns()")]
     for line in problems:
         print(f"problem: {line}")
     print("owui-crypto: healthy" if not problems else f"owui-crypto: {len(problems)} problem(s)")
@@ -183,6 +186,37 @@ def cmd_iam_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Every post-deploy check (KMS, the role's privileges, drift, logging, TLS, keys), each PASS/WARN/FAIL."""
+    from app_adapter.doctor import diagnose
+
+    report = diagnose(_libpq(args.database_url))
+    print(report.json() if args.json else report.text())
+    return report.exit_code
+
+
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    """Move every KMS-wrapped key to another CMK with ReEncrypt (no key leaves KMS); resumable."""
+    from app_adapter.config import Settings
+    from app_adapter.kms import KmsKeys
+    from app_adapter.rewrap import rewrap
+
+    settings = Settings.from_env()
+    sources = args.sources or [settings.application_cmk_id]
+    with KmsKeys(settings) as kms:
+        done = rewrap(_libpq(args.database_url), kms, args.to, sources, batch=args.batch, workers=args.workers,
+                      progress=not args.no_progress)
+        configured = kms.key_arn(settings.application_cmk_id, "KMS_APPLICATION_CMK_ID")
+    for line in done.problem_lines():
+        print(f"owui-crypto: {line}", file=sys.stderr)
+    print(done.summary())
+    if done.complete and configured != done.target_arn:
+        print(f"owui-crypto: next: set KMS_APPLICATION_CMK_ID={args.to} on every instance and restart them, then run "
+              f"owui-crypto rewrap --to {args.to} {' '.join(f'--from {s}' for s in sources)} again: it moves the keys "
+              "of users who signed up meanwhile (keys already moved are not rewritten)")
+    return 0 if done.complete else 1
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="owui-crypto", description="Install, check and operate per-user encryption of Open WebUI chats.",
@@ -225,6 +259,20 @@ def parser() -> argparse.ArgumentParser:
     with_db(add("remove-weak-copies", cmd_remove_weak_copies,
                 "remove key copies that something in the database opens (earlier releases wrapped them "
                 "under the user id), after checking each user's KMS copy is the same key"))
+    p = with_db(add("doctor", cmd_doctor, "check a deployment end to end (KMS keys and permissions, the database "
+                                          "role, drift, plaintext, logging, TLS, keys): PASS/WARN/FAIL with what to "
+                                          "do; exit 1 on any FAIL"))
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p = with_db(add("rewrap", cmd_rewrap, "move every KMS-wrapped key (users' DEKs, deployment keys) to another CMK "
+                                          "with KMS ReEncrypt (no key leaves KMS); resumable, never overwrites a "
+                                          "concurrent change"))
+    p.add_argument("--to", required=True, metavar="NEW_CMK", help="the target CMK (key id, ARN or alias)")
+    p.add_argument("--from", dest="sources", action="append", metavar="CMK",
+                   help="a CMK blobs may be moved from (repeatable; default: KMS_APPLICATION_CMK_ID); a blob under "
+                        "any other key is reported and left alone")
+    p.add_argument("--batch", type=int, default=200, metavar="N", help="rows per transaction (default 200)")
+    p.add_argument("--workers", type=int, default=4, metavar="N", help="concurrent ReEncrypt calls (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = with_db(add("seal-existing", cmd_seal_existing,
                     "seal chat content written before owui-crypto was installed (one transaction per user)"))
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

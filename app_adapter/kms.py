@@ -52,6 +52,7 @@ __all__ = [
     "MAX_MAC_MESSAGE_BYTES",
     "KeyCheck",
     "KmsKeys",
+    "Rewrapped",
     "botocore_config",
     "uuid_from_mac",
 ]
@@ -140,6 +141,20 @@ class KeyCheck:
     hmac_key_spec: str
     mac_algorithm: str
     cmk_arn: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrapped:
+    """What one ReEncrypt made of a wrapped key: the new blob and both key ARNs.
+
+    ``source_key_arn`` is the key that had wrapped the blob (KMS reads it from
+    the blob itself), so a caller can tell a blob that was already under the
+    target without any other bookkeeping.
+    """
+
+    blob: bytes
+    source_key_arn: str
+    key_arn: str
 
 
 class _RedactKmsBodies(logging.Filter):
@@ -378,6 +393,85 @@ class KmsKeys:
         """Decrypt a blob from :meth:`wrap_deployment_key` with the same ``name``."""
         return self._decrypt(blob, _deployment_context(name), f"the wrapped deployment key {name!r}")
 
+    # -- moving wrapped keys to another CMK ---------------------------------
+
+    def key_arn(self, key_id: str, variable: str) -> str:
+        """The ARN of ``key_id`` (a key id, ARN or alias), by DescribeKey.
+
+        ReEncrypt reports keys by ARN; comparing against what the operator
+        typed (an alias, a bare id) needs this. ``variable`` names where the
+        id came from, for the error message.
+        """
+        return str(self._describe(key_id, variable)["Arn"])
+
+    def check_cmk(self, key_id: str, variable: str) -> str:
+        """The ARN of ``key_id`` after checking it could be the application CMK.
+
+        Enabled, ENCRYPT_DECRYPT, SYMMETRIC_DEFAULT, as :meth:`check_keys`
+        demands of ``KMS_APPLICATION_CMK_ID``: a rewrap onto a key the adapter
+        would then refuse to start with must stop before it writes anything.
+        """
+        meta = self._describe(key_id, variable)
+        self._require(meta, variable, key_id, usage="ENCRYPT_DECRYPT", specs=("SYMMETRIC_DEFAULT",))
+        return str(meta["Arn"])
+
+    def reencrypt_dek(self, user_id: str, blob: bytes, target_key_id: str) -> Rewrapped:
+        """ReEncrypt a blob of :meth:`wrap_dek`/:meth:`new_dek` under ``target_key_id``.
+
+        The DEK never leaves KMS. The encryption context is the one
+        :meth:`unwrap_dek` uses, on both sides, so the new blob opens exactly
+        where the old one did once ``KMS_APPLICATION_CMK_ID`` names the
+        target. No SourceKeyId is sent: KMS takes the source key from the
+        blob, and the caller checks :attr:`Rewrapped.source_key_arn`.
+        """
+        return self._reencrypt(blob, _user_context(user_id), target_key_id, f"the wrapped DEK of user {user_id!r}")
+
+    def reencrypt_deployment_key(self, name: str, blob: bytes, target_key_id: str) -> Rewrapped:
+        """As :meth:`reencrypt_dek`, for a blob of :meth:`wrap_deployment_key` named ``name``."""
+        return self._reencrypt(blob, _deployment_context(name), target_key_id,
+                               f"the wrapped deployment key {name!r}")
+
+    def _reencrypt(self, blob: bytes, context: dict[str, str], target_key_id: str, what: str) -> Rewrapped:
+        if not isinstance(blob, (bytes, bytearray, memoryview)) or not blob:
+            raise CannotUnwrap(f"{what} is empty or not bytes")
+        response = self._operator_call(
+            "ReEncrypt",
+            "the target CMK",
+            target_key_id,
+            what=what,
+            CiphertextBlob=bytes(blob),
+            SourceEncryptionContext=context,
+            DestinationKeyId=target_key_id,
+            DestinationEncryptionContext=context,
+        )
+        return Rewrapped(
+            blob=bytes(response["CiphertextBlob"]),
+            source_key_arn=str(response["SourceKeyId"]),
+            key_arn=str(response["KeyId"]),
+        )
+
+    def _operator_call(self, operation: str, variable: str, key_id: str, *, what: str, **params: Any) -> Any:
+        """:meth:`_call` for :data:`_OPERATOR_SNAKE_CASE`: the same counting, timing and translation of errors."""
+        method = getattr(self._client, _OPERATOR_SNAKE_CASE[operation])
+        with self._lock:
+            self._calls[operation] += 1
+        started = time.perf_counter()
+        try:
+            return method(**params)
+        except botocore.exceptions.ParamValidationError:
+            error = InvalidInput(f"KMS {operation} refused its parameters before sending (a bug in the caller)")
+            self._count_error(error)
+            raise error from None  # its text can quote the parameters
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            translated = self._translate(exc, operation, variable, key_id, what)
+            self._count_error(translated)
+            raise translated from exc
+        finally:
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self._latency_total += elapsed
+                self._latency_last = elapsed
+
     # -- metrics ------------------------------------------------------------
 
     def metrics(self) -> dict[str, Any]:
@@ -558,6 +652,12 @@ _SNAKE_CASE = {
     "GenerateDataKey": "generate_data_key",
     "Encrypt": "encrypt",
     "Decrypt": "decrypt",
+}
+
+#: Operations of operator commands (``owui-crypto rewrap``), never of the service. Kept out of
+#: ``_SNAKE_CASE``, which is exactly what the task role's IAM policy allows (tests/test_deploy.py).
+_OPERATOR_SNAKE_CASE = {
+    "ReEncrypt": "re_encrypt",
 }
 
 

@@ -63,6 +63,10 @@ def test_check_refresh_and_grant(db_url, run_id):
     result = owui_crypto("check", "--database-url", db_url)
     assert result.returncode == 1 and "differ from the base table" in result.stdout
     assert owui_crypto("refresh", "--database-url", db_url).returncode == 0
+    undecided = owui_crypto("check", "--database-url", db_url)
+    assert undecided.returncode == 1 and "chat.added_later (text) is neither sealed nor plaintext" in undecided.stdout
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO owui_crypto.plaintext_column VALUES ('chat', 'added_later', 'a flag of the test')")
     assert owui_crypto("check", "--database-url", db_url).returncode == 0
 
 
