@@ -18,6 +18,7 @@ transaction, through ``owui_crypto.activate()``.
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
@@ -37,6 +38,15 @@ from app_adapter.transport import Transport
 # by earlier SQL) would shadow the decrypting view for every later user.
 VIEW_SEARCH_PATH = "owui_crypto_view, public, pg_temp"
 _TRANSPORT = "owui_crypto_transport"
+_ACTIVATED = "owui_crypto_activated"  # per transaction: False until its first protected statement
+
+
+def protected_names(tables: list[str]) -> re.Pattern[str]:
+    """A statement that names one of these tables (bare, quoted or schema-qualified) needs the keys.
+    False positives (a column named like a table) only cost an activation; a statement cannot read or
+    write a protected table without naming it."""
+    names = "|".join(re.escape(t) for t in sorted(tables, key=len, reverse=True))
+    return re.compile(rf'(?<![\w$])"?(?:{names})"?(?![\w$])', re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -59,12 +69,17 @@ def acting_user() -> str | None:
 class Adapter:
     """Binds users to work and hands their keys to PostgreSQL per transaction."""
 
-    def __init__(self, keys: KeyService, *, search_path: str = VIEW_SEARCH_PATH) -> None:
+    def __init__(self, keys: KeyService, *, search_path: str = VIEW_SEARCH_PATH, lazy: bool = True) -> None:
+        """``lazy``: activate a transaction's keys just before its first statement that names a protected
+        table, rather than at BEGIN: Open WebUI runs 4-7 transactions per request, most of them on users,
+        settings and models, and each activation is a round trip and two Fernet wraps."""
         self.keys = keys
         self.search_path = search_path
+        self.lazy = lazy
+        self._protected: re.Pattern[str] | None = None
         self._engines: list[Engine] = []
         self._lock = threading.Lock()
-        self._counts = {"transactions": 0, "round_trips": 0, "transport_renewals": 0}
+        self._counts = {"transactions": 0, "activations": 0, "round_trips": 0, "transport_renewals": 0}
 
     def __repr__(self) -> str:
         return f"Adapter(keys={self.keys!r}, engines={len(self._engines)})"
@@ -81,14 +96,23 @@ class Adapter:
                 f"{sync_engine.dialect.name}+{driver}: other drivers inline parameters into SQL text, "
                 "where keys would reach the server's logs")
         self.keys.share_key()  # resolve at startup: a KMS problem shows now, not mid-request
-        event.listen(sync_engine, "connect", self._on_connect)
-        event.listen(sync_engine, "begin", self._on_begin)
+        if self.lazy and self._protected is None:
+            self._protected = protected_names(self.keys.protected_tables())
+        for name, listener in self._listeners():
+            event.listen(sync_engine, name, listener)
         self._engines.append(sync_engine)
+
+    def _listeners(self) -> list[tuple[str, Any]]:
+        listeners: list[tuple[str, Any]] = [("connect", self._on_connect), ("begin", self._on_begin)]
+        if self.lazy:
+            listeners += [("before_cursor_execute", self._before_statement),
+                          ("rollback_savepoint", self._on_rollback_savepoint)]
+        return listeners
 
     def uninstall(self) -> None:
         for engine in self._engines:
-            event.remove(engine, "connect", self._on_connect)
-            event.remove(engine, "begin", self._on_begin)
+            for name, listener in self._listeners():
+                event.remove(engine, name, listener)
         self._engines.clear()
 
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
@@ -106,6 +130,26 @@ class Adapter:
         record.info[_TRANSPORT] = transport
 
     def _on_begin(self, conn: Connection) -> None:
+        if self.lazy:
+            conn.info[_ACTIVATED] = False
+            with self._lock:
+                self._counts["transactions"] += 1
+            return
+        self._activate(conn)
+        with self._lock:
+            self._counts["transactions"] += 1
+
+    def _before_statement(self, conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
+        if conn.info.get(_ACTIVATED) is False and self._protected is not None and self._protected.search(statement):
+            self._activate(conn)
+            conn.info[_ACTIVATED] = True
+
+    def _on_rollback_savepoint(self, conn: Connection, *args: Any) -> None:
+        # An activation inside the savepoint is undone with it: activate again when needed.
+        if conn.info.get(_ACTIVATED):
+            conn.info[_ACTIVATED] = False
+
+    def _activate(self, conn: Connection) -> None:
         pooled = conn.connection
         transport: Transport = pooled.info.setdefault(_TRANSPORT, Transport())
         acting = _acting.get()
@@ -122,12 +166,13 @@ class Adapter:
         finally:
             cursor.close()
         with self._lock:
-            self._counts["transactions"] += 1
+            self._counts["activations"] += 1
             self._counts["round_trips"] += transport.round_trips - trips
             self._counts["transport_renewals"] += transport.renewals - renewals
 
     def metrics(self) -> dict[str, int]:
-        """Transactions hooked, activate() round trips, transport keys renewed (pooler moves)."""
+        """Transactions hooked, activations (fewer when lazy), activate() round trips, transport entries
+        renewed (pooler moves)."""
         with self._lock:
             return dict(self._counts)
 

@@ -106,6 +106,13 @@ class KeyService:
                                  "(owui-crypto provision, or sign them up through owui-crypto serve)")
         return self.kms.unwrap_dek(user_id, bytes(row[0]))
 
+    def protected_tables(self) -> list[str]:
+        """The tables the policy protects: the decrypting views' names (the catalog is readable by any role)."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            return [r[0] for r in conn.execute(
+                "SELECT c.relname FROM pg_catalog.pg_class c"
+                " WHERE c.relnamespace = 'owui_crypto_view'::regnamespace AND c.relkind = 'v' ORDER BY 1")]
+
     def share_key(self) -> SecretBytes:
         """The deployment's share key, made and registered on first use."""
         if self._share_key is None:

@@ -86,7 +86,9 @@ def owui_like_app(adapter: Adapter) -> tuple[FastAPI, list]:
         tasks.add_task(lambda: seen.append(acting_user()))
         return {}
 
-    app.dependency_overrides[get_current_user] = binding.acting_dependency(adapter, get_current_user)
+    wrapper = binding.acting_dependency(adapter, get_current_user)
+    assert binding.replace_dependency(app, get_current_user, wrapper) == 5  # once per route's dependency tree
+    assert not app.dependency_overrides  # FastAPI's per-request re-inspection stays off
     return app, seen
 
 

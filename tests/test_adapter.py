@@ -152,6 +152,27 @@ def test_engine_hook_isolates_users_and_fails_closed(db_url, service, engine):
     assert len(titles) == 2 and all(t.startswith("oc1:") for t in titles)
 
 
+def test_keys_are_handed_over_only_to_transactions_that_name_a_protected_table(db_url, service, engine):
+    """Lazy activation: a transaction on users or settings costs no round trip; one on chats gets the keys
+    before its first such statement, and again after a savepoint that held the activation rolled back."""
+    (alice,) = add_users(db_url, service, 1)
+    adapter = Adapter(service)
+    adapter.install(engine)
+    with adapter.acting_as_sync(alice):
+        with engine.begin() as conn:
+            conn.execute(sa.text('SELECT count(*) FROM "user"'))
+            assert conn.execute(sa.text("SELECT owui_crypto.active_user()")).scalar() is None
+        assert adapter.metrics()["activations"] == 0
+        write_and_read(adapter, engine, alice)
+        assert adapter.metrics()["activations"] == 2
+        with engine.begin() as conn:
+            with conn.begin_nested() as nested:
+                conn.execute(sa.select(CHAT.c.title)).all()
+                nested.rollback()
+            assert conn.execute(sa.select(CHAT.c.title)).scalar() == f"secret of {alice}"
+    assert adapter.metrics()["activations"] == 4
+
+
 def test_refuses_drivers_that_inline_parameters(db_url, service):
     with pytest.raises(errors.UnsupportedDriver):
         Adapter(service).install(sa.create_engine("sqlite://"))

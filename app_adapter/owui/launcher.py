@@ -246,9 +246,14 @@ def install(keys: Any) -> Any:
     auths.Auths.delete_auth_by_id = delete
     auths.Auths.insert_new_auth = users_lifecycle.wrap_insert_new_auth(auths.Auths.insert_new_auth, delete)
 
-    app.dependency_overrides[auth.get_current_user] = binding.acting_dependency(adapter, auth.get_current_user)
-    app.dependency_overrides[chats_router.get_optional_verified_user] = binding.acting_dependency(
-        adapter, chats_router.get_optional_verified_user)
+    dependencies = 0
+    for module, name in ((auth, "get_current_user"), (chats_router, "get_optional_verified_user")):
+        original = getattr(module, name)
+        found = binding.replace_dependency(app, original, binding.acting_dependency(adapter, original))
+        if not found:
+            raise ServeRefused(f"no route of Open WebUI depends on {module.__name__}.{name} any more: "
+                               "this release is not supported (nothing was hooked)")
+        dependencies += found
     sockets = binding.bind_socket_handlers(adapter, socket_main.sio.handlers["/"], socket_main.SESSION_POOL)
 
     async def automation_owner(app: Any, automation: Any) -> str | None:
@@ -266,6 +271,6 @@ def install(keys: Any) -> Any:
 
     responses.install_exception_handlers(app)
     app.state.owui_crypto = {"adapter": adapter, "lifecycle": users_lifecycle, "upsert": upsert}
-    say(f"hooked: engines 2, dependencies {len(app.dependency_overrides)}, socket.io handlers {len(sockets)}, "
+    say(f"hooked: engines 2, dependencies 2 (in {dependencies} places), socket.io handlers {len(sockets)}, "
         "user creation and deletion, automations, timers, realtime calls, chat_message upsert")
     return responses.RefusalResponses(app)
