@@ -10,12 +10,14 @@ STAMP  := $(VENV)/.installed
 .PHONY: help venv owui-venv lint test e2e demo demo-core bench-sql bench-keys services clean
 
 help:
-	@echo "make demo        Open WebUI with owui-crypto on a throw-away local stack: the API's chat beside the sealed row"
+	@echo "make demo        Open WebUI with owui-crypto on a throw-away local stack, until Ctrl-C (DEMO_EXIT=1: print and stop)"
+	@echo "make demo-screenshot  the README's picture: the demo chat in headless Chromium beside its sealed rows"
 	@echo "make demo-core   the SQL core and the adapter alone (no Open WebUI; quick)"
 	@echo "make test        install into .venv, run ruff and mypy, then the test suite on real PostgreSQL"
 	@echo "make e2e         the real Open WebUI 0.12.4 (in .venv-owui) behind owui-crypto serve, end to end"
 	@echo "make bench-sql   SQL Fernet vs Python cryptography, as throughput ratios"
 	@echo "make bench-keys  KMS calls and begin-hook overhead for 1,000 transactions"
+	@echo "make bench-owui  plain Open WebUI against owui-crypto serve, side by side (BENCH_OWUI_ARGS=--quick)"
 
 venv: $(STAMP)
 
@@ -37,18 +39,23 @@ test: venv services lint
 	$(PY) -m pytest
 
 # Open WebUI lives in its own venv (~3 GB, torch CPU wheel first); this
-# project is installed into it editable, with moto (KMS) and pytest.
+# project is installed into it editable, with moto (KMS), pytest, httpx and
+# selenium. owui_env.sh keeps stamps (its own content, pyproject.toml), so
+# a second run installs nothing and takes well under a second.
 OWUI_VENV := .venv-owui
 
 owui-venv:
-	bash scripts/owui_env.sh
-	$(OWUI_VENV)/bin/pip install --quiet -e . 'moto[server]' pytest httpx
+	@bash scripts/owui_env.sh
 
 e2e: owui-venv services
 	$(OWUI_VENV)/bin/python -m pytest e2e -q
 
+# Serves until Ctrl-C, then removes all it started. DEMO_EXIT=1: print, then
+# stop and clean up at once (for scripts and CI).
+DEMO_EXIT ?=
+
 demo: owui-venv services
-	$(OWUI_VENV)/bin/python scripts/demo.py
+	@$(OWUI_VENV)/bin/python scripts/demo.py $(if $(filter-out 0 no false,$(DEMO_EXIT)),--exit)
 
 demo-core: venv services
 	$(PY) scripts/demo_core.py
@@ -61,3 +68,22 @@ bench-keys: venv services
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# The README's picture: `make demo`'s stack, headless Chromium (Debian's) signed in as the demo user with
+# the chat open, and the same row through psql; docs/demo-chat.png, docs/demo-sealed-row.png and the two
+# side by side in docs/demo-side-by-side.png.
+.PHONY: demo-screenshot
+demo-screenshot: services
+	@bash scripts/owui_env.sh --browser
+	@$(OWUI_VENV)/bin/python scripts/demo.py --screenshot docs
+
+# Plain Open WebUI (`open-webui serve`) against `owui-crypto serve`, side by side on two throw-away databases
+# with the same data, interleaved requests; table, PNG and samples in bench-results/ (or BENCH_OWUI_ARGS=
+# "--out DIR"); ends with one RESULT line. BENCH_OWUI_ARGS=--quick: 20 and 200 chats, a few minutes.
+# matplotlib (the PNG) is installed into .venv-owui the first time.
+BENCH_OWUI_ARGS ?=
+
+.PHONY: bench-owui
+bench-owui: owui-venv services
+	@$(OWUI_VENV)/bin/python -c 'import matplotlib' 2>/dev/null || $(OWUI_VENV)/bin/python -m pip install --quiet matplotlib
+	@$(OWUI_VENV)/bin/python scripts/bench_owui.py $(BENCH_OWUI_ARGS)
