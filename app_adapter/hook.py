@@ -72,7 +72,8 @@ class Adapter:
     def __init__(self, keys: KeyService, *, search_path: str = VIEW_SEARCH_PATH, lazy: bool = True) -> None:
         """``lazy``: activate a transaction's keys just before its first statement that names a protected
         table, rather than at BEGIN: Open WebUI runs 4-7 transactions per request, most of them on users,
-        settings and models, and each activation is a round trip and two Fernet wraps."""
+        settings and models, and each activation is a round trip and two Fernet wraps. Statements sent on
+        the raw DB-API connection bypass SQLAlchemy's events: code that does so needs ``lazy=False``."""
         self.keys = keys
         self.search_path = search_path
         self.lazy = lazy
@@ -97,7 +98,8 @@ class Adapter:
                 "where keys would reach the server's logs")
         self.keys.share_key()  # resolve at startup: a KMS problem shows now, not mid-request
         if self.lazy and self._protected is None:
-            self._protected = protected_names(self.keys.protected_tables())
+            # owui_crypto's own functions (seal_existing, active_user...) work with the keys too.
+            self._protected = protected_names([*self.keys.protected_tables(), "owui_crypto"])
         for name, listener in self._listeners():
             event.listen(sync_engine, name, listener)
         self._engines.append(sync_engine)

@@ -69,7 +69,7 @@ def write_chats(db_url: str, service: KeyService, users: list[str], per_user: in
     """Chats with messages (and one share) through the adapter's activation path, as Open WebUI writes them."""
     written = Written(users)
     engine = sa.create_engine(db_url.replace("postgresql://", "postgresql+psycopg://", 1), pool_size=1)
-    adapter = Adapter(service)
+    adapter = Adapter(service, lazy=False)  # rows go through the raw driver connection: keys at BEGIN
     adapter.install(engine)
     try:
         for uid in users:
