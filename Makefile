@@ -85,5 +85,6 @@ BENCH_OWUI_ARGS ?=
 
 .PHONY: bench-owui
 bench-owui: owui-venv services
-	@$(OWUI_VENV)/bin/python -c 'import matplotlib' 2>/dev/null || $(OWUI_VENV)/bin/python -m pip install --quiet matplotlib
+	@$(OWUI_VENV)/bin/python -c 'import matplotlib' 2>/dev/null || { echo "bench-owui: installing matplotlib into $(OWUI_VENV)"; \
+	  $(OWUI_VENV)/bin/python -m pip install --quiet matplotlib 2>&1 | grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	@$(OWUI_VENV)/bin/python scripts/bench_owui.py $(BENCH_OWUI_ARGS)

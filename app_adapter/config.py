@@ -14,12 +14,13 @@ unset.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from app_adapter.errors import ConfigError
 
@@ -91,6 +92,55 @@ ENV_VARS: tuple[tuple[str, str | None, str], ...] = (
         "(e.g. from a client certificate) or None. Only then is a user-held copy of the DEK "
         "(`user_encrypted_dek`, `salt`) written; nothing the database holds can open it.",
     ),
+    (
+        "OWUI_CRYPTO_METRICS_PORT",
+        "",
+        "Off by default. Port on which `owui-crypto serve` exports Prometheus metrics (`/metrics`), bound to "
+        "127.0.0.1; `HOST:PORT` binds another address (an IP literal, e.g. `0.0.0.0:9464` for a scraper "
+        "outside the container). Counts and latencies only: no user id, email or key.",
+    ),
+    (
+        "OWUI_CRYPTO_ERASURE",
+        "off",
+        "`off` or `grants`. `grants`: each user's `kms:Decrypt` comes from a KMS grant on the application CMK "
+        "that deleting the user retires, so a backup taken before the deletion no longer opens their key "
+        "(README, \"Erasure that reaches backups\"). The task role and key policies must then be what "
+        "`owui-crypto iam-policy` prints with this variable set.",
+    ),
+    (
+        "OWUI_CRYPTO_ERASURE_GRANTEE",
+        "",
+        "With `OWUI_CRYPTO_ERASURE=grants`, required: the ARN of the role that runs owui-crypto (the ECS task "
+        "role, `arn:aws:iam::ACCOUNT:role/NAME`); it receives each user's grant and retires it.",
+    ),
+    # Database access (app_adapter.aurora; README, "Connecting to Aurora").
+    (
+        "OWUI_CRYPTO_DB_SECRET_ARN",
+        "",
+        "Off by default. ARN of a Secrets Manager secret as RDS writes it (JSON `username`, `password`, `host`, "
+        "`port`, `dbname`): owui-crypto reads it with its own role and builds the database URL from it; "
+        "`DATABASE_URL` then names only what the secret lacks, or is unset. The password goes to each new "
+        "connection in memory: never into `DATABASE_URL`, the environment or a log.",
+    ),
+    (
+        "OWUI_CRYPTO_DB_IAM_AUTH",
+        "false",
+        "`true`: RDS IAM authentication. Each new connection gets a fresh token (signed locally with the role's "
+        "credentials, valid 15 minutes) as its password, for the user and host of `DATABASE_URL`. Open WebUI's "
+        "`DATABASE_ENABLE_IAM_TOKEN_AUTH=true` means the same.",
+    ),
+    (
+        "OWUI_CRYPTO_DB_USER_ARN",
+        "",
+        "For `owui-crypto iam-policy`: the database user's ARN (`arn:aws:rds-db:REGION:ACCOUNT:dbuser:"
+        "RESOURCE_ID/USER`); adds `rds-db:connect` on it. Required with IAM authentication.",
+    ),
+    (
+        "OWUI_CRYPTO_DB_CA_BUNDLE",
+        "",
+        "Path of the RDS CA bundle (`global-bundle.pem`). Set: every connection uses `sslmode=verify-full` with it "
+        "as `sslrootcert`; a missing file refuses to start.",
+    ),
 )
 
 #: Removed: storing the user key next to the DEK it wraps gave the DEK to
@@ -134,6 +184,10 @@ class Settings:
     kms_read_timeout: float = 2.0
     kms_max_attempts: int = 2
     user_secret_provider: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    erasure: str = "off"
+    erasure_grantee: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
@@ -147,6 +201,7 @@ class Settings:
                 f"AWS_REGION={region!r} is not an AWS region name; "
                 "expected something like 'us-east-1' or 'eu-central-1'"
             )
+        erasure, erasure_grantee = erasure_settings(environ)
         settings = cls(
             aws_region=region,
             hmac_key_id=_key_ref(environ, "KMS_HMAC_KEY_ID", region),
@@ -172,6 +227,9 @@ class Settings:
                 ceiling=_MAX_ATTEMPTS_CEILING,
             ),
             user_secret_provider=_provider(environ, "OWUI_CRYPTO_USER_SECRET_PROVIDER"),
+            **_metrics_address(environ, "OWUI_CRYPTO_METRICS_PORT"),
+            erasure=erasure,
+            erasure_grantee=erasure_grantee,
         )
         if environ.get(REMOVED_STORE_USER_KEY, "").strip().lower() in _TRUE:
             raise ConfigError(
@@ -189,6 +247,58 @@ def _provider(environ: Mapping[str, str], name: str) -> str | None:
     if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", value):
         raise ConfigError(f"{name}={value!r} is not module:function, e.g. mycompany.certs:user_secret")
     return value
+
+
+def _metrics_address(environ: Mapping[str, str], name: str) -> dict[str, Any]:
+    """``metrics_port`` and ``metrics_host`` from ``PORT`` or ``HOST:PORT`` (``[v6]:PORT``); nothing when unset.
+
+    Loopback unless an address is named: the endpoint answers anyone who reaches it. IP literals only, so
+    no DNS answer decides where it listens.
+    """
+    value = _raw(environ, name)
+    if value is None:
+        return {}
+    host, _, port_text = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]") or "127.0.0.1"
+    valid = "a port from 1 to 65535 (e.g. 9464), or HOST:PORT with an IP address (e.g. 0.0.0.0:9464)"
+    try:
+        port = int(port_text)
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} is not valid; expected {valid}") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"{name}={value!r} is out of range; expected {valid}")
+    return {"metrics_port": port, "metrics_host": host}
+
+
+#: The values of OWUI_CRYPTO_ERASURE (app_adapter.erasure).
+ERASURE_MODES = ("off", "grants")
+_ROLE_ARN_RE = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
+
+
+def erasure_settings(environ: Mapping[str, str] = os.environ) -> tuple[str, str | None]:
+    """``(OWUI_CRYPTO_ERASURE, OWUI_CRYPTO_ERASURE_GRANTEE)``, validated; also read by ``owui-crypto iam-policy``.
+
+    The grantee is required with ``grants`` and refused without it: a grantee that nothing uses would
+    suggest a protection that is not on.
+    """
+    mode = (_raw(environ, "OWUI_CRYPTO_ERASURE") or "off").lower()
+    if mode not in ERASURE_MODES:
+        raise ConfigError(f"OWUI_CRYPTO_ERASURE={mode!r} is not valid; expected one of {', '.join(ERASURE_MODES)}")
+    grantee = _raw(environ, "OWUI_CRYPTO_ERASURE_GRANTEE")
+    if mode == "off":
+        if grantee is not None:
+            raise ConfigError("OWUI_CRYPTO_ERASURE_GRANTEE is set but OWUI_CRYPTO_ERASURE is off: set "
+                              "OWUI_CRYPTO_ERASURE=grants, or unset the grantee")
+        return mode, None
+    if grantee is None:
+        raise ConfigError("OWUI_CRYPTO_ERASURE=grants needs OWUI_CRYPTO_ERASURE_GRANTEE: the ARN of the role that "
+                          "runs owui-crypto, e.g. arn:aws:iam::111122223333:role/owui-TaskRole-ABC")
+    if not _ROLE_ARN_RE.match(grantee):
+        # A grant to an assumed-role session would end with that session; KMS grants go to the role itself.
+        raise ConfigError(f"OWUI_CRYPTO_ERASURE_GRANTEE={grantee!r} is not an IAM role ARN; expected "
+                          "arn:aws:iam::ACCOUNT:role/NAME (the role, not an assumed-role session)")
+    return mode, grantee
 
 
 def settings_table_markdown() -> str:

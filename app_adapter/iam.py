@@ -15,11 +15,21 @@ it makes them on, with the encryption contexts it sends:
   share key). ``kms:Encrypt`` of a user DEK (``KmsKeys.wrap_dek``) and
   ``kms:ReEncrypt*`` are left out: no code path calls them (CMK rotation is
   transparent to old blobs and needs no ReEncrypt).
-* optionally ``secretsmanager:GetSecretValue`` on one database secret, for a
-  role that fetches the secret itself. owui-crypto never calls Secrets
-  Manager: on ECS the task definition's ``secrets`` are fetched by the task
-  *execution* role, so ``deploy/owui-crypto.yaml`` gives the task role no
-  Secrets Manager access at all.
+* optionally ``secretsmanager:GetSecretValue`` on one database secret
+  (``OWUI_CRYPTO_DB_SECRET_ARN``), which owui-crypto then reads itself
+  (:mod:`app_adapter.aurora`). Without it, on ECS the task definition's
+  ``secrets`` are fetched by the task *execution* role, so
+  ``deploy/owui-crypto.yaml`` gives the task role no Secrets Manager access;
+* optionally ``rds-db:connect`` on one database user (``OWUI_CRYPTO_DB_USER_ARN``,
+  ``arn:aws:rds-db:REGION:ACCOUNT:dbuser:RESOURCE_ID/USER``), for RDS IAM
+  authentication (``OWUI_CRYPTO_DB_IAM_AUTH``): required then, refused with a
+  wildcard (the role would connect as any user of any database).
+* with ``OWUI_CRYPTO_ERASURE=grants`` (:mod:`app_adapter.erasure`): no ``kms:Decrypt``
+  of user DEKs (each user's comes from a grant that forgetting the user retires),
+  ``kms:CreateGrant`` only of such grants (to the role itself, ``Decrypt`` and
+  ``RetireGrant`` only, ``EncryptionContextEquals`` a user context), and
+  ``kms:ListGrants`` on the CMK. RetireGrant needs no policy: the grant names the
+  role as its retiring principal.
 
 The encryption-context conditions are derived from the context builders in
 :mod:`app_adapter.kms`, so the policy follows the code: the fixed fields
@@ -39,18 +49,23 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from app_adapter.config import erasure_settings
 from app_adapter.errors import ConfigError
 
 __all__ = [
     "DB_SECRET_ENV",
+    "DB_USER_ARN_ENV",
     "DESCRIPTION",
     "policy_from_environment",
     "policy_json",
+    "secret_arn",
     "task_role_policy",
 ]
 
 #: Environment variable naming the database secret's ARN (optional).
 DB_SECRET_ENV = "OWUI_CRYPTO_DB_SECRET_ARN"
+#: Environment variable naming the ``rds-db`` ARN of the database user, for IAM authentication (optional).
+DB_USER_ARN_ENV = "OWUI_CRYPTO_DB_USER_ARN"
 
 #: The ``owui-crypto iam-policy --help`` text.
 DESCRIPTION = """\
@@ -63,7 +78,16 @@ The keys must be given as key ARNs (arn:aws:kms:REGION:ACCOUNT:key/KEY-ID):
 IAM authorizes KMS calls on the key, not on an alias. Find a key's ARN with
   aws kms describe-key --key-id alias/NAME --query KeyMetadata.Arn --output text
 
-deploy/owui-crypto.yaml gives its task role exactly this document."""
+deploy/owui-crypto.yaml gives its task role exactly this document.
+
+With OWUI_CRYPTO_ERASURE=grants and OWUI_CRYPTO_ERASURE_GRANTEE=<the task role's ARN> in the environment
+it prints the policy of erasure that reaches backups instead: no kms:Decrypt of user DEKs of the role's
+own, kms:CreateGrant of per-user Decrypt grants to itself, kms:ListGrants. The CMK's key policy must then
+give the task role the same statements (README, "Erasure that reaches backups").
+
+With OWUI_CRYPTO_DB_SECRET_ARN it adds secretsmanager:GetSecretValue on that secret (owui-crypto reads it
+itself); with OWUI_CRYPTO_DB_USER_ARN=arn:aws:rds-db:REGION:ACCOUNT:dbuser:RESOURCE_ID/USER, rds-db:connect
+on that database user, which OWUI_CRYPTO_DB_IAM_AUTH=true requires (README, "Connecting to Aurora")."""
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 _KEY_ARN_RE = re.compile(rf"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{{12}}:key/(?:{_UUID}|mrk-[0-9a-f]{{32}})$")
@@ -81,12 +105,18 @@ _CMK_USES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 )
 
 
-def task_role_policy(hmac_key_arn: str, cmk_arn: str, db_secret_arn: str | None = None) -> dict[str, Any]:
+def task_role_policy(hmac_key_arn: str, cmk_arn: str, db_secret_arn: str | None = None, *,
+                     erasure: str = "off", grantee_arn: str | None = None,
+                     db_user_arn: str | None = None) -> dict[str, Any]:
     """The policy document for ``hmac_key_arn`` and ``cmk_arn`` (both key ARNs).
 
-    ``db_secret_arn`` adds ``secretsmanager:GetSecretValue`` on that secret.
+    ``db_secret_arn`` adds ``secretsmanager:GetSecretValue`` on that secret. ``erasure="grants"`` (with
+    ``grantee_arn``, the role's own ARN) gives the policy of :mod:`app_adapter.erasure`. ``db_user_arn`` adds
+    ``rds-db:connect`` on that database user (RDS IAM authentication).
     Raises :class:`ConfigError` on an alias or anything else than a key ARN.
     """
+    erasure, grantee = erasure_settings({"OWUI_CRYPTO_ERASURE": erasure,
+                                         "OWUI_CRYPTO_ERASURE_GRANTEE": grantee_arn or ""})
     hmac_key_arn = _key_arn(hmac_key_arn, "the HMAC key (--hmac-key-arn, KMS_HMAC_KEY_ID)")
     cmk_arn = _key_arn(cmk_arn, "the application CMK (--cmk-arn, KMS_APPLICATION_CMK_ID)")
     statements: list[dict[str, Any]] = [
@@ -97,21 +127,55 @@ def task_role_policy(hmac_key_arn: str, cmk_arn: str, db_secret_arn: str | None 
 
     for sid, actions, builder in _CMK_USES:
         context = getattr(kms, builder)(_VARIES)
+        allowed = [a for a in actions  # with erasure, each user's grant allows Decrypt instead
+                   if not (erasure == "grants" and builder == "_user_context" and a == "kms:Decrypt")]
         statements.append(
-            {"Sid": sid, "Effect": "Allow", "Action": list(actions), "Resource": cmk_arn,
+            {"Sid": sid, "Effect": "Allow", "Action": allowed, "Resource": cmk_arn,
              "Condition": _context_condition(context)}
         )
+    if grantee is not None:
+        statements.extend(_grant_statements(cmk_arn, grantee))
     if db_secret_arn is not None:
-        if not _SECRET_ARN_RE.match(db_secret_arn):
-            raise ConfigError(
-                f"{DB_SECRET_ENV}={db_secret_arn!r} is not a Secrets Manager secret ARN; expected the full ARN, "
-                "e.g. arn:aws:secretsmanager:us-east-1:111122223333:secret:owui/db-AbCdEf"
-            )
         statements.append(
             {"Sid": "DatabaseSecret", "Effect": "Allow", "Action": "secretsmanager:GetSecretValue",
-             "Resource": db_secret_arn}
+             "Resource": secret_arn(db_secret_arn)}
+        )
+    if db_user_arn is not None:
+        statements.append(
+            {"Sid": "DatabaseIamAuth", "Effect": "Allow", "Action": "rds-db:connect",
+             "Resource": _db_user_arn(db_user_arn)}
         )
     return {"Version": "2012-10-17", "Statement": statements}
+
+
+def secret_arn(value: str) -> str:
+    """``value`` if it is a full Secrets Manager secret ARN, else :class:`ConfigError`. A full ARN: it is both
+    what owui-crypto reads and the policy's Resource, so the two cannot drift apart."""
+    if not _SECRET_ARN_RE.match(value):
+        raise ConfigError(
+            f"{DB_SECRET_ENV}={value!r} is not a Secrets Manager secret ARN; expected the full ARN, "
+            "e.g. arn:aws:secretsmanager:us-east-1:111122223333:secret:owui/db-AbCdEf"
+        )
+    return value
+
+
+_DB_USER_ARN_RE = re.compile(
+    r"^arn:aws[a-z-]*:rds-db:[a-z0-9-]+:\d{12}:dbuser:(?:cluster|db|prx)-[A-Za-z0-9]+/(?P<user>[^*?/\s]+)$")
+_DB_USER_ARN_EXAMPLE = ("arn:aws:rds-db:REGION:ACCOUNT:dbuser:RESOURCE_ID/USER, e.g. "
+                        "arn:aws:rds-db:eu-central-1:111122223333:dbuser:cluster-ABCDEFGHIJKLMNOPQRSTUVWXYZ/owui_app; "
+                        "the cluster's resource id: aws rds describe-db-clusters --db-cluster-identifier ID "
+                        "--query 'DBClusters[0].DbClusterResourceId' --output text")
+
+
+def _db_user_arn(value: str) -> str:
+    value = value.strip()
+    if "*" in value or "?" in value:
+        raise ConfigError(f"{DB_USER_ARN_ENV}={value!r} has a wildcard: the role could connect as other users or to "
+                          f"other databases. Name one user of one cluster: {_DB_USER_ARN_EXAMPLE}")
+    if not _DB_USER_ARN_RE.match(value):
+        raise ConfigError(f"{DB_USER_ARN_ENV}={value!r} is not the rds-db ARN of a database user; expected "
+                          f"{_DB_USER_ARN_EXAMPLE}")
+    return value
 
 
 def policy_from_environment(
@@ -128,7 +192,41 @@ def policy_from_environment(
         raise ConfigError("no HMAC key: pass --hmac-key-arn or set KMS_HMAC_KEY_ID to the key's ARN")
     if cmk is None:
         raise ConfigError("no application CMK: pass --cmk-arn or set KMS_APPLICATION_CMK_ID to the key's ARN")
-    return task_role_policy(hmac, cmk, db_secret_arn or _env(environ, DB_SECRET_ENV))
+    erasure, grantee = erasure_settings(environ)
+    return task_role_policy(hmac, cmk, db_secret_arn or _env(environ, DB_SECRET_ENV), erasure=erasure,
+                            grantee_arn=grantee, db_user_arn=_db_user_from_environment(environ))
+
+
+def _db_user_from_environment(environ: Mapping[str, str]) -> str | None:
+    """:data:`DB_USER_ARN_ENV`; required when IAM authentication is on, and for the user of ``DATABASE_URL``."""
+    from app_adapter.aurora import IAM_AUTH_ENV, iam_auth_requested
+
+    arn = _env(environ, DB_USER_ARN_ENV)
+    if arn is None:
+        if iam_auth_requested(environ):
+            raise ConfigError(f"IAM authentication is on ({IAM_AUTH_ENV}): the role needs rds-db:connect on the "
+                              f"database user. Set {DB_USER_ARN_ENV}={_DB_USER_ARN_EXAMPLE}")
+        return None
+    match = _DB_USER_ARN_RE.match(_db_user_arn(arn))
+    assert match is not None
+    user = _database_url_user(environ)
+    if user is not None and user != match.group("user"):
+        raise ConfigError(f"{DB_USER_ARN_ENV} is for database user {match.group('user')!r} but DATABASE_URL "
+                          f"connects as {user!r}: the token would be refused")
+    return arn.strip()
+
+
+def _database_url_user(environ: Mapping[str, str]) -> str | None:
+    url = _env(environ, "DATABASE_URL")
+    if url is None:
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).username
+    except ArgumentError:
+        return None  # not ours to judge here; serve and the other commands say what is wrong with it
 
 
 def policy_json(policy: Mapping[str, Any]) -> str:
@@ -154,6 +252,30 @@ def _key_arn(value: str, what: str) -> str:
             f"not on its alias){hint}"
         )
     raise ConfigError(f"{what} is {value!r}, not a key ARN (arn:aws:kms:REGION:ACCOUNT:key/KEY-ID){hint}")
+
+
+def _grant_statements(cmk_arn: str, grantee_arn: str) -> list[dict[str, Any]]:
+    """CreateGrant of exactly the grants app_adapter.erasure makes, and ListGrants to find them.
+
+    For CreateGrant, ``kms:EncryptionContext:*`` and ``kms:EncryptionContextKeys`` test the grant's
+    constraint, so the same user-context condition applies; the grant must go to this role, be retirable by
+    it, and allow only Decrypt and RetireGrant under an EncryptionContextEquals constraint.
+    """
+    from app_adapter import erasure, kms
+
+    condition = _context_condition(kms._user_context(_VARIES))
+    condition["StringEquals"].update({
+        "kms:GrantConstraintType": "EncryptionContextEquals",
+        "kms:GranteePrincipal": grantee_arn,
+        "kms:RetiringPrincipal": grantee_arn,
+    })
+    condition["Null"]["kms:GrantOperations"] = "false"
+    condition["ForAllValues:StringEquals"]["kms:GrantOperations"] = list(erasure.GRANT_OPERATIONS)
+    return [
+        {"Sid": "UserKeyGrants", "Effect": "Allow", "Action": "kms:CreateGrant", "Resource": cmk_arn,
+         "Condition": condition},
+        {"Sid": "FindUserKeyGrants", "Effect": "Allow", "Action": "kms:ListGrants", "Resource": cmk_arn},
+    ]
 
 
 def _context_condition(context: Mapping[str, str]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import psycopg
 
-from app_adapter import userkeys
+from app_adapter import erasure, userkeys
 from app_adapter.config import Settings
 from app_adapter.errors import CannotUnwrap, InvalidInput, NotProvisioned
 from app_adapter.keycache import KeyCache
@@ -84,6 +84,8 @@ class KeyService:
         self._share_key: SecretBytes | None = None
         self.user_secret: UserSecret | None = (
             load_provider(settings.user_secret_provider) if settings.user_secret_provider else None)
+        # OWUI_CRYPTO_ERASURE=grants: per-user KMS grants, made at provision, retired at forget (None: off).
+        self.erasure = erasure.from_settings(settings, self.kms)
 
     def __repr__(self) -> str:
         return f"KeyService(kms={self.kms!r}, cache={self.cache!r})"
@@ -104,6 +106,9 @@ class KeyService:
         if row is None or row[0] is None:
             raise NotProvisioned(f"user {user_id} has no wrapped key: provision them first "
                                  "(owui-crypto provision, or sign them up through owui-crypto serve)")
+        tokens = self.erasure.grant_tokens(user_id) if self.erasure is not None else ()
+        if tokens:  # a grant made here minutes ago may not have reached every KMS endpoint: show its token
+            return self.kms.unwrap_dek_with_grant_tokens(user_id, bytes(row[0]), tokens)
         return self.kms.unwrap_dek(user_id, bytes(row[0]))
 
     def protected_tables(self) -> list[str]:
@@ -155,6 +160,10 @@ class KeyService:
         if user_secret is None and self.user_secret is not None:
             user_secret = self.user_secret(user_id)
         dek, wrapped = self.kms.new_dek(user_id)
+        if self.erasure is not None:
+            # After GenerateDataKey, so a failure there leaves no grant; one left by a later rollback is
+            # retired by python -m app_adapter.erasure sync.
+            self.erasure.grant(user_id)
         salt, sealed = None, None
         if user_secret is not None:
             salt = userkeys.new_salt()
@@ -220,8 +229,15 @@ class KeyService:
 
     def forget(self, conn: Any, user_id: str) -> bool:
         """Crypto-shred ``user_id``: delete their wrapped DEKs and key registration
-        (in the caller's transaction) and evict them from this process's cache."""
+        (in the caller's transaction) and evict them from this process's cache.
+
+        With erasure on, also retire their KMS grant(s), so backups stop opening their DEK; if that fails,
+        :class:`~app_adapter.erasure.ErasureIncomplete` is raised and the caller's transaction must roll
+        back, which keeps the registration for the next attempt (the start-up reconcile retries it)."""
         cur = conn.cursor()
         cur.execute("SELECT owui_crypto.forget_user_key(%s)", (user_id,))
         self.cache.evict(user_id)
-        return bool(cur.fetchone()[0])
+        found = bool(cur.fetchone()[0])
+        if self.erasure is not None:
+            self.erasure.retire(user_id)
+        return found

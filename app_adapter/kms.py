@@ -20,13 +20,17 @@ the parameter values (our plaintext).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import math
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import boto3
@@ -49,8 +53,11 @@ __all__ = [
     "APPLICATION",
     "DEK_BYTES",
     "HMAC_SPEC_TO_ALGORITHM",
+    "LATENCY_BUCKETS",
     "MAX_MAC_MESSAGE_BYTES",
+    "SERVICE_OPERATIONS",
     "KeyCheck",
+    "KmsGrant",
     "KmsKeys",
     "Rewrapped",
     "botocore_config",
@@ -101,6 +108,10 @@ _THROTTLED_CODES = frozenset({"ThrottlingException", "LimitExceededException"})
 # Server-side trouble that, like a network failure, passes by itself.
 _UNREACHABLE_CODES = frozenset({"DependencyTimeoutException", "KMSInternalException"})
 _UNWRAP_OPERATIONS = frozenset({"Decrypt"})
+
+#: Upper bounds, in seconds, of the buckets of each operation's latency histogram (``metrics()``): KMS answers
+#: in milliseconds; the upper buckets hold timeouts and botocore's retries (2 s read timeout per attempt).
+LATENCY_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def botocore_config(settings: Settings) -> Config:
@@ -155,6 +166,35 @@ class Rewrapped:
     blob: bytes
     source_key_arn: str
     key_arn: str
+
+
+@dataclass(frozen=True, slots=True)
+class KmsGrant:
+    """One grant on the application CMK, as ListGrants lists it (no token: KMS never lists those)."""
+
+    grant_id: str
+    name: str
+    grantee: str
+    retiring: str
+    operations: tuple[str, ...]
+    context_equals: Mapping[str, str] | None  # the EncryptionContextEquals constraint
+    context_subset: Mapping[str, str] | None  # the EncryptionContextSubset constraint
+    created: datetime | None  # moto leaves CreationDate out
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any]) -> KmsGrant:
+        constraints = entry.get("Constraints") or {}
+        created = entry.get("CreationDate")
+        return cls(
+            grant_id=str(entry["GrantId"]),
+            name=str(entry.get("Name") or ""),
+            grantee=str(entry.get("GranteePrincipal") or ""),
+            retiring=str(entry.get("RetiringPrincipal") or ""),
+            operations=tuple(entry.get("Operations") or ()),
+            context_equals=constraints.get("EncryptionContextEquals"),
+            context_subset=constraints.get("EncryptionContextSubset"),
+            created=created if isinstance(created, datetime) else None,
+        )
 
 
 class _RedactKmsBodies(logging.Filter):
@@ -234,6 +274,15 @@ class KmsKeys:
         self._errors: Counter[str] = Counter()
         self._latency_total = 0.0
         self._latency_last = 0.0
+        # Per operation, for app_adapter.metrics: errors by class, a latency histogram (one count per bucket of
+        # LATENCY_BUCKETS, then +Inf; sum), and throttled answers, which botocore may retry into a success.
+        self._errors_by_operation: Counter[tuple[str, str]] = Counter()
+        self._latency_buckets: dict[str, list[int]] = {}
+        self._latency_sums: dict[str, float] = {}
+        self._throttled: Counter[str] = Counter()
+        events = getattr(getattr(client, "meta", None), "events", None)
+        if events is not None:
+            events.register("needs-retry.kms", self._note_attempt)
 
     def __repr__(self) -> str:
         return (
@@ -460,17 +509,116 @@ class KmsKeys:
             return method(**params)
         except botocore.exceptions.ParamValidationError:
             error = InvalidInput(f"KMS {operation} refused its parameters before sending (a bug in the caller)")
-            self._count_error(error)
+            self._count_error(operation, error)
             raise error from None  # its text can quote the parameters
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             translated = self._translate(exc, operation, variable, key_id, what)
-            self._count_error(translated)
+            self._count_error(operation, translated)
             raise translated from exc
         finally:
-            elapsed = time.perf_counter() - started
-            with self._lock:
-                self._latency_total += elapsed
-                self._latency_last = elapsed
+            self._record_latency(operation, time.perf_counter() - started)
+
+    # -- per-user grants (OWUI_CRYPTO_ERASURE=grants, app_adapter.erasure) ------------
+
+    def cmk_arn(self) -> str:
+        """The application CMK's ARN, by DescribeKey once per object.
+
+        CreateGrant, ListGrants and RetireGrant take a key id or ARN, not an alias, and a grant listed by
+        ListGrants names its key by ARN.
+        """
+        # Kept on first use rather than set up in __init__: grants are opt-in, and only they need the ARN.
+        arn: str | None = getattr(self, "_grant_cmk_arn", None)
+        if arn is None:
+            arn = self.key_arn(self._settings.application_cmk_id, "KMS_APPLICATION_CMK_ID")
+            self._grant_cmk_arn = arn
+        return arn
+
+    def create_user_grant(self, user_id: str, grantee_arn: str, name: str,
+                          operations: tuple[str, ...]) -> tuple[str, str]:
+        """CreateGrant on the CMK: ``operations`` for ``grantee_arn``, only with ``user_id``'s exact context.
+
+        ``grantee_arn`` is also the retiring principal. Returns ``(grant id, grant token)``. KMS returns the
+        existing grant's id for a retry with the same ``name`` and parameters, so a retried call makes no
+        second grant.
+        """
+        response = self._grant_call(
+            "CreateGrant",
+            what=f"the grant of user {user_id!r}",
+            KeyId=self.cmk_arn(),
+            GranteePrincipal=grantee_arn,
+            RetiringPrincipal=grantee_arn,
+            Operations=list(operations),
+            Constraints={"EncryptionContextEquals": _user_context(user_id)},
+            Name=name,
+        )
+        return str(response["GrantId"]), str(response["GrantToken"])
+
+    def list_grants(self) -> list[KmsGrant]:
+        """Every grant on the CMK (ListGrants, all pages of 100)."""
+        grants: list[KmsGrant] = []
+        params: dict[str, Any] = {"KeyId": self.cmk_arn(), "Limit": 100}
+        while True:
+            response = self._grant_call("ListGrants", what="the CMK's grants", **params)
+            grants.extend(KmsGrant.from_entry(entry) for entry in response.get("Grants", []))
+            marker = response.get("NextMarker")
+            if not response.get("Truncated") or not marker:
+                return grants
+            params["Marker"] = marker
+
+    def retire_grant(self, grant_id: str) -> bool:
+        """RetireGrant (by key ARN and grant id, as the retiring principal). False: KMS knows no such grant."""
+        try:
+            self._grant_call("RetireGrant", what=f"grant {grant_id}", KeyId=self.cmk_arn(), GrantId=grant_id)
+        except KeyUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, botocore.exceptions.ClientError) and \
+                    cause.response.get("Error", {}).get("Code") == "NotFoundException":
+                return False  # retired already (by another process, or an administrator's RevokeGrant)
+            raise
+        return True
+
+    def unwrap_dek_with_grant_tokens(self, user_id: str, blob: bytes, grant_tokens: tuple[str, ...]) -> SecretBytes:
+        """:meth:`unwrap_dek`, presenting grant tokens.
+
+        A grant takes effect everywhere in KMS within about five minutes; its token makes it usable at once,
+        so a user's first Decrypt right after sign-up does not depend on how fast the grant spreads.
+        """
+        if not isinstance(blob, (bytes, bytearray, memoryview)) or not blob:
+            raise CannotUnwrap(f"the wrapped DEK of user {user_id!r} is empty or not bytes")
+        response = self._call(
+            "Decrypt",
+            "KMS_APPLICATION_CMK_ID",
+            self._settings.application_cmk_id,
+            what=f"the wrapped DEK of user {user_id!r}",
+            KeyId=self._settings.application_cmk_id,
+            CiphertextBlob=bytes(blob),
+            EncryptionContext=_user_context(user_id),
+            GrantTokens=list(grant_tokens),
+        )
+        dek = SecretBytes(response["Plaintext"])
+        if len(dek) != DEK_BYTES:
+            raise CannotUnwrap(f"the wrapped DEK of user {user_id!r} opened to {len(dek)} bytes, not {DEK_BYTES}")
+        return dek
+
+    def _grant_call(self, operation: str, *, what: str, **params: Any) -> Any:
+        """:meth:`_call` for :data:`_GRANT_SNAKE_CASE`: the same counting, timing and translation of errors."""
+        method = getattr(self._client, _GRANT_SNAKE_CASE[operation])
+        with self._lock:
+            self._calls[operation] += 1
+        started = time.perf_counter()
+        try:
+            return method(**params)
+        except botocore.exceptions.ParamValidationError:
+            error = InvalidInput(f"KMS {operation} refused its parameters before sending (a bug in the caller)")
+            self._count_error(operation, error)
+            raise error from None  # its text can quote the parameters
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            translated = self._translate(exc, operation, "KMS_APPLICATION_CMK_ID",
+                                         self._settings.application_cmk_id, what)
+            self._count_error(operation, translated)
+            raise translated from exc
+        finally:
+            self._record_latency(operation, time.perf_counter() - started)
 
     # -- metrics ------------------------------------------------------------
 
@@ -480,13 +628,32 @@ class KmsKeys:
         ``calls`` by KMS operation (one per API call; botocore's retries
         inside a call are not counted apart), ``errors`` by exception class, and KMS latency in seconds:
         ``latency_seconds_total`` over all calls and ``latency_seconds_last``.
+
+        Per operation, for :mod:`app_adapter.metrics`: ``errors_by_operation`` (operation -> class -> count),
+        ``throttled_answers`` (throttling answers of KMS, each attempt counted, retried ones included), and
+        ``latency`` (operation -> ``buckets``: cumulative ``(upper bound, count)`` pairs over
+        :data:`LATENCY_BUCKETS` then ``inf``, ``sum`` in seconds, ``count``).
         """
         with self._lock:
+            errors_by_operation: dict[str, dict[str, int]] = {}
+            for (operation, error), count in self._errors_by_operation.items():
+                errors_by_operation.setdefault(operation, {})[error] = count
+            latency: dict[str, dict[str, Any]] = {}
+            for operation, counts in self._latency_buckets.items():
+                cumulative = list(itertools.accumulate(counts))
+                latency[operation] = {
+                    "buckets": list(zip((*LATENCY_BUCKETS, math.inf), cumulative, strict=True)),
+                    "sum": self._latency_sums[operation],
+                    "count": cumulative[-1],
+                }
             return {
                 "calls": dict(self._calls),
                 "errors": dict(self._errors),
                 "latency_seconds_total": self._latency_total,
                 "latency_seconds_last": self._latency_last,
+                "errors_by_operation": errors_by_operation,
+                "throttled_answers": dict(self._throttled),
+                "latency": latency,
             }
 
     # -- internals ----------------------------------------------------------
@@ -581,22 +748,39 @@ class KmsKeys:
             error: KmsError | InvalidInput | CannotUnwrap = InvalidInput(
                 f"KMS {operation} refused its parameters before sending (a bug in the caller)"
             )
-            self._count_error(error)
+            self._count_error(operation, error)
             # Its text quotes parameter values, which include our plaintext.
             raise error from None
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             error = self._translate(exc, operation, variable, key_id, what)
-            self._count_error(error)
+            self._count_error(operation, error)
             raise error from exc
         finally:
-            elapsed = time.perf_counter() - started
-            with self._lock:
-                self._latency_total += elapsed
-                self._latency_last = elapsed
+            self._record_latency(operation, time.perf_counter() - started)
 
-    def _count_error(self, error: Exception) -> None:
+    def _count_error(self, operation: str, error: Exception) -> None:
         with self._lock:
             self._errors[type(error).__name__] += 1
+            self._errors_by_operation[operation, type(error).__name__] += 1
+
+    def _record_latency(self, operation: str, elapsed: float) -> None:
+        with self._lock:
+            self._latency_total += elapsed
+            self._latency_last = elapsed
+            buckets = self._latency_buckets.setdefault(operation, [0] * (len(LATENCY_BUCKETS) + 1))
+            buckets[bisect.bisect_left(LATENCY_BUCKETS, elapsed)] += 1  # le: a value on a bound counts in it
+            self._latency_sums[operation] = self._latency_sums.get(operation, 0.0) + elapsed
+
+    def _note_attempt(self, response: Any = None, operation: Any = None, **_: Any) -> None:
+        """botocore's ``needs-retry`` event: every answer of every attempt passes here, so a throttled answer
+        that botocore retried into a success is counted too (the call's errors never show it). Returns None:
+        the retry decision stays botocore's."""
+        if not response:
+            return  # no answer: a connection error, counted by the call if it fails
+        code = response[1].get("Error", {}).get("Code") if isinstance(response[1], dict) else None
+        if code in _THROTTLED_CODES:
+            with self._lock:
+                self._throttled[str(getattr(operation, "name", "unknown"))] += 1
 
     def _translate(
         self, exc: Exception, operation: str, variable: str, key_id: str, what: str
@@ -652,6 +836,18 @@ _SNAKE_CASE = {
     "GenerateDataKey": "generate_data_key",
     "Encrypt": "encrypt",
     "Decrypt": "decrypt",
+}
+
+#: The KMS operations the service calls (app_adapter.metrics exports a zero series for each from the start).
+SERVICE_OPERATIONS: tuple[str, ...] = tuple(_SNAKE_CASE)
+
+#: Operations of erasure that reaches backups (``OWUI_CRYPTO_ERASURE=grants``, :mod:`app_adapter.erasure`). Kept
+#: out of ``_SNAKE_CASE`` as well: the default policy allows none of them, ``iam.task_role_policy`` with
+#: ``erasure="grants"`` allows CreateGrant and ListGrants; RetireGrant is authorized by the grant itself.
+_GRANT_SNAKE_CASE = {
+    "CreateGrant": "create_grant",
+    "ListGrants": "list_grants",
+    "RetireGrant": "retire_grant",
 }
 
 #: Operations of operator commands (``owui-crypto rewrap``), never of the service. Kept out of

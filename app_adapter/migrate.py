@@ -41,8 +41,13 @@ def project_file(*parts: str) -> Path:
 
 
 def database_url(url: str | None = None) -> str:
-    """The SQLAlchemy URL to migrate: ``url``, else ``DATABASE_URL``, always with psycopg 3."""
-    url = url or os.environ.get("DATABASE_URL")
+    """The SQLAlchemy URL to migrate: ``url``, else ``DATABASE_URL``, always with psycopg 3.
+
+    With the database settings of :mod:`app_adapter.aurora` (a secret, IAM tokens, a CA bundle), the URL is
+    completed from them and the connect hooks are installed: every CLI command goes through here."""
+    from app_adapter import aurora
+
+    url = aurora.resolve(url or os.environ.get("DATABASE_URL"))
     if not url:
         raise SystemExit("DATABASE_URL is not set: point it at Open WebUI's PostgreSQL database, "
                          "e.g. postgresql+psycopg://user@host:5432/openwebui")

@@ -133,6 +133,7 @@ def owui(pg_server: devdb.Server, e2e_database: str, kms_server, pg_log: LogWind
            "WEBUI_SECRET_KEY": "e2e-" + os.urandom(24).hex(),
            "DATA_DIR": str(workdir / "data"),
            "ENABLE_OPENAI_API": "true", "OPENAI_API_BASE_URLS": llm.base_url, "OPENAI_API_KEYS": "e2e-stub",
+           "OWUI_CRYPTO_METRICS_PORT": str(free_port()),  # the exporter, on loopback (e2e/test_metrics.py)
            "PYTHONUNBUFFERED": "1"}
     for name in ("DATABASE_SCHEMA", "UVICORN_WORKERS", "ENABLE_DB_MIGRATIONS", "DATABASE_TYPE"):
         env.pop(name, None)
@@ -178,6 +179,12 @@ def _wait_healthy(handle: Owui, started: float) -> None:
     raise AssertionError(f"Open WebUI not healthy after {STARTUP_TIMEOUT:.0f} s:\n{handle.log()[-6000:]}")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """e2e/test_metrics.py last (a stable sort: the rest keep their order): it reads what the whole session
+    counted, and signs in as test_owui.py's admin, whose sign-up must stay the server's first."""
+    items.sort(key=lambda item: item.path.name == "test_metrics.py")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     TIMINGS["suite_s"] = time.monotonic() - _SESSION_STARTED
     terminalreporter.write_sep("=", "owui-crypto e2e timings")
@@ -193,3 +200,154 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         if key in TIMINGS:
             unit = "ms" if key.endswith("_ms") else "s"
             terminalreporter.write_line(f"{label}: {TIMINGS[key]:.1f} {unit}")
+
+
+# -- the browser test's own Open WebUI (e2e/test_browser.py) --------------------------------------
+#
+# The browser test signs up in the web interface as a new user would, and Open WebUI makes the
+# first sign-up its admin and then closes sign-ups. test_owui.py's Alice must be that first
+# sign-up on the session server, so the browser test gets a server and a database of its own
+# (started when the module starts, stopped when it ends): its pg_dump then holds only what the
+# browser wrote. Channels are off by default in Open WebUI 0.12.4; this server turns them on.
+
+import hashlib  # noqa: E402  (appended with the browser fixtures)
+import json  # noqa: E402
+import typing  # noqa: E402
+
+from e2e.llm_stub import _Handler as _LlmStubHandler  # noqa: E402
+
+BROWSER_OWUI_ENV = {"ENABLE_CHANNELS": "true"}
+
+if typing.TYPE_CHECKING:  # selenium is imported only where a browser is asked for
+    from e2e.browser import BrowserFactory
+
+
+def start_owui(url: str, database: str, llm: LlmStub, workdir: Path, extra_env: dict[str, str]) -> Owui:
+    """``owui-crypto serve`` on a free loopback port against ``url``, offline, healthy; as the ``owui`` fixture."""
+    port = free_port()
+    env = {**os.environ, **OFFLINE_ENV, **extra_env,
+           "DATABASE_URL": url,
+           "WEBUI_SECRET_KEY": "e2e-" + os.urandom(24).hex(),
+           "DATA_DIR": str(workdir / "data"),
+           "ENABLE_OPENAI_API": "true", "OPENAI_API_BASE_URLS": llm.base_url, "OPENAI_API_KEYS": "e2e-stub",
+           "PYTHONUNBUFFERED": "1"}
+    for name in ("DATABASE_SCHEMA", "UVICORN_WORKERS", "ENABLE_DB_MIGRATIONS", "DATABASE_TYPE"):
+        env.pop(name, None)
+    log_path = workdir / "serve.log"
+    cli = Path(sys.executable).with_name("owui-crypto")
+    started = time.monotonic()
+    with log_path.open("wb") as log_file:  # the child keeps its own descriptor
+        process = subprocess.Popen([str(cli), "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                   env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
+    handle = Owui(f"http://127.0.0.1:{port}", database, url, log_path, process, env)
+    try:
+        _wait_healthy(handle, started)
+    except BaseException:
+        stop_owui(handle)
+        raise
+    handle.startup_seconds = time.monotonic() - started
+    return handle
+
+
+def stop_owui(handle: Owui) -> None:
+    handle.process.terminate()
+    try:
+        handle.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        handle.process.kill()
+        handle.process.wait()
+
+
+class _EmbeddingStubHandler(_LlmStubHandler):
+    """The stub model, plus ``POST /v1/embeddings``: Open WebUI embeds every memory it saves (with
+    ``RAG_EMBEDDING_ENGINE=openai`` at ``RAG_OPENAI_API_BASE_URL``, api.openai.com unless told),
+    so the browser test's server embeds on loopback. A vector is a hash of the text's words."""
+
+    def do_POST(self) -> None:
+        if not self.path.rstrip("/").endswith("/embeddings"):
+            super().do_POST()
+            return
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        texts = body.get("input") or []
+        texts = [texts] if isinstance(texts, str) else texts
+        self._json({"object": "list", "model": body.get("model", "stub-embedding"),
+                    "data": [{"object": "embedding", "index": i, "embedding": _word_vector(str(text))}
+                             for i, text in enumerate(texts)],
+                    "usage": {"prompt_tokens": 1, "total_tokens": 1}})
+
+
+def _word_vector(text: str, dims: int = 16) -> list[float]:
+    vector = [0.0] * dims
+    for word in text.lower().split():
+        vector[int(hashlib.sha256(word.encode()).hexdigest(), 16) % dims] += 1.0
+    norm = sum(v * v for v in vector) ** 0.5 or 1.0
+    return [v / norm for v in vector]
+
+
+@pytest.fixture(scope="module")
+def browser_llm() -> Iterator[LlmStub]:
+    """The stub model for the browser test's server, answering embeddings too."""
+    stub = LlmStub()
+    stub.server.RequestHandlerClass = _EmbeddingStubHandler
+    with stub:
+        yield stub
+
+
+@pytest.fixture(scope="module")
+def browser_database(pg_server: devdb.Server) -> Iterator[str]:
+    """A database of its own for the browser test, logged as the session's (``log_statement = all``)."""
+    name = pg_server.create_database("owui_crypto_e2e_browser")
+    with pg_server.connect() as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("ALTER DATABASE {} SET log_parameter_max_length = 0").format(sql.Identifier(name)))
+    try:
+        yield name
+    finally:
+        pg_server.drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def browser_pg_log(pg_server: devdb.Server) -> LogWindow:
+    """The PostgreSQL server log from before the browser test's Open WebUI first connects."""
+    with pg_server.connect() as conn:
+        return LogWindow(server_log_path(conn))
+
+
+@pytest.fixture(scope="module")
+def browser_owui(pg_server: devdb.Server, browser_database: str, kms_server,  # noqa: F811
+                 browser_pg_log: LogWindow, browser_llm: LlmStub,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Owui]:
+    """Open WebUI behind ``owui-crypto serve`` for the browser test alone: channels on, embeddings on loopback."""
+    workdir = tmp_path_factory.mktemp("owui-browser")
+    env = {**BROWSER_OWUI_ENV, "RAG_OPENAI_API_BASE_URL": browser_llm.base_url, "RAG_OPENAI_API_KEY": "e2e-stub"}
+    handle = start_owui(pg_server.url(browser_database), browser_database, browser_llm, workdir, env)
+    TIMINGS["browser_owui_startup_s"] = handle.startup_seconds
+    try:
+        yield handle
+    finally:
+        stop_owui(handle)
+        kept = Path(tempfile.gettempdir()) / "owui-crypto-e2e-browser-serve.log"
+        kept.write_bytes(handle.log_path.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> Path:
+    """e2e/artifacts/browser/: the browser test's screenshots (gitignored), emptied at the start."""
+    import shutil
+
+    path = REPO / "e2e" / "artifacts" / "browser"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browsers(artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserFactory]:
+    """Opens headless Chromium windows, each with a fresh profile; quits them all at the end."""
+    from e2e.browser import BrowserFactory
+
+    factory = BrowserFactory(artifacts, tmp_path_factory.mktemp("chromium"))
+    try:
+        yield factory
+    finally:
+        factory.quit_all()

@@ -7,8 +7,10 @@ change:
    psycopg2, ``DATABASE_SCHEMA``, several uvicorn workers in one process (the
    hooks live in this process), no ``WEBUI_SECRET_KEY``; check the KMS keys;
 2. run Open WebUI's own migrations (its own NullPool engine, plain
-   search_path), then owui-crypto's (``alembic upgrade head`` + view refresh),
-   and refuse to start on any drift between views and tables;
+   search_path) with the decrypting views kept in place for the instances
+   still serving (:mod:`app_adapter.owui.migrating`), then owui-crypto's
+   (``alembic upgrade head`` + view refresh), and refuse to start on any drift
+   between views and tables;
 3. give keys to users who have none, forget keys of users who are gone;
 4. import Open WebUI -- with ``ENABLE_DB_MIGRATIONS=false``, its migrations
    are done -- check the shape of everything about to be wrapped, then
@@ -27,10 +29,9 @@ from typing import Any
 
 import psycopg
 
-from app_adapter import migrate
+from app_adapter import aurora, migrate
 from app_adapter.errors import ConfigError
-from app_adapter.owui import compat
-from app_adapter.sqlrows import scalar
+from app_adapter.owui import compat, migrating
 
 #: Variables from which Open WebUI builds a database URL that overrides DATABASE_URL (env.py:273-294).
 _URL_PARTS = ("DATABASE_TYPE", "DATABASE_USER", "DATABASE_HOST", "DATABASE_PORT", "DATABASE_NAME")
@@ -76,7 +77,9 @@ def plan(environ: MutableMapping[str, str]) -> Plan:
         raise ServeRefused("DATABASE_TYPE/DATABASE_USER/DATABASE_HOST/DATABASE_PORT/DATABASE_NAME are all set, and "
                            "Open WebUI would build its database URL from them: unset them and give the whole URL in "
                            "DATABASE_URL=postgresql+psycopg://...")
-    url = normalise_database_url(environ.get("DATABASE_URL"))
+    # Secret, IAM tokens, verify-full (README, "Connecting to Aurora"): a password-free DATABASE_URL for Open WebUI
+    # and the connect hooks in place, before anything connects or imports Open WebUI.
+    url = normalise_database_url(aurora.configure(environ))
     if environ.get("DATABASE_SCHEMA"):
         raise ServeRefused(f"DATABASE_SCHEMA={environ['DATABASE_SCHEMA']!r} is set: Open WebUI would then name its "
                            "tables with that schema and bypass the decrypting views. Unset it and keep Open WebUI's "
@@ -103,31 +106,6 @@ def owui_alembic_config() -> Any:
     config = Config(str(OPEN_WEBUI_DIR / "alembic.ini"))
     config.set_main_option("script_location", str(OPEN_WEBUI_DIR / "migrations"))
     return config
-
-
-def owui_migrations_pending(url: str) -> bool:
-    """True when Open WebUI's schema is behind the installed Open WebUI (an upgrade is about to migrate)."""
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-    from sqlalchemy import create_engine, pool
-
-    heads = set(ScriptDirectory.from_config(owui_alembic_config()).get_heads())
-    engine = create_engine(url, poolclass=pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            return set(MigrationContext.configure(conn).get_current_heads()) != heads
-    finally:
-        engine.dispose()
-
-
-def detach_views(url: str) -> bool:
-    """Drop owui-crypto's views (if installed) so Open WebUI's migrations may drop or retype columns.
-    The base tables keep sealing; ``migrate.upgrade`` builds the views again right after."""
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://", 1), autocommit=True) as conn:
-        if scalar(conn, "SELECT to_regprocedure('owui_crypto.detach()') IS NULL"):
-            return False
-        conn.execute("SELECT owui_crypto.detach()")
-    return True
 
 
 def run_owui_migrations() -> None:
@@ -162,22 +140,31 @@ def serve(host: str, port: int) -> int:
     started = time.monotonic()
     steps = plan(os.environ)
     say(f"open-webui {steps.owui_version} (supported: {compat.SUPPORTED})")
+    if (database := aurora.describe()) is not None:
+        say(database)
 
     from app_adapter.config import Settings
     from app_adapter.keys import KeyService
 
     settings = Settings.from_env()
     keys = KeyService(settings, steps.database_url)
+    from app_adapter import metrics
+
+    exporter = metrics.start(settings, keys)  # first: a port in use stops the start now, not after a minute
+    if exporter is not None:
+        say(f"Prometheus metrics on {exporter.url}")
     say(f"KMS keys: {keys.kms.check_keys()}")
 
     if steps.run_owui_migrations:
-        if owui_migrations_pending(steps.database_url) and detach_views(steps.database_url):
-            say("Open WebUI's schema is about to change: dropped the decrypting views until it has "
-                "(the tables keep sealing; other instances read ciphertext meanwhile)")
         say("running Open WebUI's migrations")
         step = time.monotonic()
-        run_owui_migrations()
-        say(f"Open WebUI's migrations done in {time.monotonic() - step:.1f} s")
+        # Other instances keep serving meanwhile: each view Open WebUI's DDL touches is rebuilt inside its
+        # transaction, never dropped where they could see it (app_adapter/owui/migrating.py).
+        with migrating.views_kept(steps.database_url) as kept:
+            run_owui_migrations()
+        rebuilt = sorted(kept.rebuilt) if kept is not None else []
+        say(f"Open WebUI's migrations done in {time.monotonic() - step:.1f} s"
+            + (f"; rebuilt the decrypting views of {', '.join(rebuilt)} in their transaction" if rebuilt else ""))
     else:
         say("ENABLE_DB_MIGRATIONS=false: not running Open WebUI's migrations")
     say("running owui-crypto's migrations")
@@ -203,6 +190,10 @@ def serve(host: str, port: int) -> int:
     say(f"Open WebUI imported in {time.monotonic() - imported:.1f} s")
     compat.check_shapes()
     app = install(keys)
+    if exporter is not None:
+        from app_adapter.owui import responses
+
+        exporter.collector.attach(app.state.owui_crypto["adapter"], responses.refusal_counts)
     say(f"hooks installed; ready to serve after {time.monotonic() - started:.1f} s")
 
     import uvicorn

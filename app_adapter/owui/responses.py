@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections import Counter
 from contextvars import ContextVar
 from typing import Any
 
@@ -64,6 +66,16 @@ def describe(exc: BaseException) -> tuple[int, str] | None:
 
 _seen: ContextVar[list[errors.DatabaseRefusal] | None] = ContextVar("owui_crypto_refusals", default=None)
 
+# Every refusal since start, by SQLSTATE: app_adapter.metrics reads it at scrape time.
+_counts: Counter[str] = Counter()
+_counts_lock = threading.Lock()
+
+
+def refusal_counts() -> dict[str, int]:
+    """Refusals noted by :func:`watch_engine` in this process since it started, by SQLSTATE (``OC002``...)."""
+    with _counts_lock:
+        return dict(_counts)
+
 
 def watch_engine(engine: Any) -> None:
     """Note every owui-crypto refusal raised through ``engine`` (Engine or AsyncEngine)."""
@@ -74,6 +86,8 @@ def _on_error(context: Any) -> None:
     refusal = errors.from_database(context.original_exception)
     if refusal is None:
         return
+    with _counts_lock:
+        _counts[refusal.sqlstate] += 1
     seen = _seen.get()
     if seen is not None:
         seen.append(refusal)
