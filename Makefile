@@ -49,6 +49,7 @@ owui-venv:
 
 e2e: owui-venv services
 	$(OWUI_VENV)/bin/python -m pytest e2e -q
+	$(OWUI_VENV)/bin/python -m pytest tests/test_aurora.py -q -m owui
 
 # Serves until Ctrl-C, then removes all it started. DEMO_EXIT=1: print, then
 # stop and clean up at once (for scripts and CI).

@@ -23,3 +23,26 @@ if ! command -v pgbouncer >/dev/null && [ ! -x /usr/sbin/pgbouncer ]; then
     echo "services: pgbouncer is not installed and cannot be installed here (need root + apt-get)" >&2
   fi
 fi
+
+# Chromium and its driver (the browser e2e test, e2e/test_browser.py) come from Debian's packages:
+# selenium is given /usr/bin/chromedriver, so nothing is downloaded at run time.
+if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "services: installing chromium and chromium-driver from Debian's packages"
+    apt-get update -qq >/dev/null \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "services: chromium/chromedriver are not installed and cannot be installed here (need root + apt-get)" >&2
+  fi
+fi
+
+# promtool (Debian's prometheus package) checks the shipped alert rules and the dashboard's queries.
+if ! command -v promtool >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "services: installing prometheus (for promtool) from Debian's packages"
+    apt-get update -qq >/dev/null \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "services: promtool is not installed and cannot be installed here (need root + apt-get)" >&2
+  fi
+fi

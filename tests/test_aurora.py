@@ -874,11 +874,11 @@ def test_iam_policy_with_the_secret_owui_crypto_reads(capsys: pytest.CaptureFixt
 # -- the real Open WebUI (runs where it is installed: .venv-owui, `make e2e`'s interpreter) ------------------------
 
 
+@pytest.mark.owui
 @pytest.mark.parametrize("mode", ["secret", "iam"])
 def test_owui_crypto_serve_authenticates_every_connection_of_open_webui_and_its_own(
         mode: str, secrets: Secrets, pg_server: Any, gates: list[PasswordGate], kms_server: Any,
         tmp_path: Path) -> None:
-    pytest.importorskip("open_webui", reason="Open WebUI is installed in .venv-owui (make e2e), not here")
     import httpx
 
     from e2e.conftest import OFFLINE_ENV, free_port
