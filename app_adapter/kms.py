@@ -483,7 +483,7 @@ class KmsKeys:
     def _reencrypt(self, blob: bytes, context: dict[str, str], target_key_id: str, what: str) -> Rewrapped:
         if not isinstance(blob, (bytes, bytearray, memoryview)) or not blob:
             raise CannotUnwrap(f"{what} is empty or not bytes")
-        response = self._operator_call(
+        response = self._call(
             "ReEncrypt",
             "the target CMK",
             target_key_id,
@@ -498,27 +498,6 @@ class KmsKeys:
             source_key_arn=str(response["SourceKeyId"]),
             key_arn=str(response["KeyId"]),
         )
-
-    def _operator_call(self, operation: str, variable: str, key_id: str, *, what: str, **params: Any) -> Any:
-        """:meth:`_call` for :data:`_OPERATOR_SNAKE_CASE`: the same counting, timing and translation of errors."""
-        method = getattr(self._client, _OPERATOR_SNAKE_CASE[operation])
-        with self._lock:
-            self._calls[operation] += 1
-        started = time.perf_counter()
-        try:
-            return method(**params)
-        except botocore.exceptions.ParamValidationError:
-            error = InvalidInput(f"KMS {operation} refused its parameters before sending (a bug in the caller)")
-            self._count_error(operation, error)
-            raise error from None  # its text can quote the parameters
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            translated = self._translate(exc, operation, variable, key_id, what)
-            self._count_error(operation, translated)
-            raise translated from exc
-        finally:
-            self._record_latency(operation, time.perf_counter() - started)
-
-    # -- per-user grants (OWUI_CRYPTO_ERASURE=grants, app_adapter.erasure) ------------
 
     def cmk_arn(self) -> str:
         """The application CMK's ARN, by DescribeKey once per object.
@@ -541,8 +520,8 @@ class KmsKeys:
         existing grant's id for a retry with the same ``name`` and parameters, so a retried call makes no
         second grant.
         """
-        response = self._grant_call(
-            "CreateGrant",
+        response = self._call(
+            "CreateGrant", "KMS_APPLICATION_CMK_ID", self._settings.application_cmk_id,
             what=f"the grant of user {user_id!r}",
             KeyId=self.cmk_arn(),
             GranteePrincipal=grantee_arn,
@@ -558,7 +537,8 @@ class KmsKeys:
         grants: list[KmsGrant] = []
         params: dict[str, Any] = {"KeyId": self.cmk_arn(), "Limit": 100}
         while True:
-            response = self._grant_call("ListGrants", what="the CMK's grants", **params)
+            response = self._call("ListGrants", "KMS_APPLICATION_CMK_ID", self._settings.application_cmk_id,
+                                  what="the CMK's grants", **params)
             grants.extend(KmsGrant.from_entry(entry) for entry in response.get("Grants", []))
             marker = response.get("NextMarker")
             if not response.get("Truncated") or not marker:
@@ -568,7 +548,8 @@ class KmsKeys:
     def retire_grant(self, grant_id: str) -> bool:
         """RetireGrant (by key ARN and grant id, as the retiring principal). False: KMS knows no such grant."""
         try:
-            self._grant_call("RetireGrant", what=f"grant {grant_id}", KeyId=self.cmk_arn(), GrantId=grant_id)
+            self._call("RetireGrant", "KMS_APPLICATION_CMK_ID", self._settings.application_cmk_id,
+                       what=f"grant {grant_id}", KeyId=self.cmk_arn(), GrantId=grant_id)
         except KeyUnavailable as exc:
             cause = exc.__cause__
             if isinstance(cause, botocore.exceptions.ClientError) and \
@@ -599,28 +580,6 @@ class KmsKeys:
         if len(dek) != DEK_BYTES:
             raise CannotUnwrap(f"the wrapped DEK of user {user_id!r} opened to {len(dek)} bytes, not {DEK_BYTES}")
         return dek
-
-    def _grant_call(self, operation: str, *, what: str, **params: Any) -> Any:
-        """:meth:`_call` for :data:`_GRANT_SNAKE_CASE`: the same counting, timing and translation of errors."""
-        method = getattr(self._client, _GRANT_SNAKE_CASE[operation])
-        with self._lock:
-            self._calls[operation] += 1
-        started = time.perf_counter()
-        try:
-            return method(**params)
-        except botocore.exceptions.ParamValidationError:
-            error = InvalidInput(f"KMS {operation} refused its parameters before sending (a bug in the caller)")
-            self._count_error(operation, error)
-            raise error from None  # its text can quote the parameters
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-            translated = self._translate(exc, operation, "KMS_APPLICATION_CMK_ID",
-                                         self._settings.application_cmk_id, what)
-            self._count_error(operation, translated)
-            raise translated from exc
-        finally:
-            self._record_latency(operation, time.perf_counter() - started)
-
-    # -- metrics ------------------------------------------------------------
 
     def metrics(self) -> dict[str, Any]:
         """Counters since creation, as plain data.
@@ -738,7 +697,9 @@ class KmsKeys:
         return SecretBytes(response["Plaintext"])
 
     def _call(self, operation: str, variable: str, key_id: str, *, what: str = "", **params: Any) -> Any:
-        method = getattr(self._client, _SNAKE_CASE[operation])
+        """One KMS request: counted, timed, and its errors translated into ours (never quoting parameters).
+        The operation is the service's (``_SNAKE_CASE``), an operator command's or erasure's."""
+        method = getattr(self._client, _ALL_SNAKE_CASE[operation])
         with self._lock:
             self._calls[operation] += 1
         started = time.perf_counter()
@@ -855,6 +816,9 @@ _GRANT_SNAKE_CASE = {
 _OPERATOR_SNAKE_CASE = {
     "ReEncrypt": "re_encrypt",
 }
+
+
+_ALL_SNAKE_CASE = {**_SNAKE_CASE, **_GRANT_SNAKE_CASE, **_OPERATOR_SNAKE_CASE}
 
 
 def _validate_algorithm_name(name: str) -> None:
