@@ -12,7 +12,7 @@ ran with ``PGOPTIONS='-c track_functions=pl'`` (libpq hands it to every connecti
 is a superuser here), so the database panel has data::
 
     PGOPTIONS='-c track_functions=pl' OWUI_CRYPTO_DASHBOARD_PNG=docs/grafana.png \
-        .venv-owui/bin/python -m pytest e2e/test_metrics.py -k render
+        .venv-owui/bin/python -m pytest e2e/test_metrics.py -m picture
 """
 
 from __future__ import annotations
@@ -343,9 +343,9 @@ Traffic: {timeline}</div>
     return got
 
 
-@pytest.mark.skipif(not DASHBOARD_PNG, reason="set OWUI_CRYPTO_DASHBOARD_PNG=docs/grafana.png to render the picture")
+@pytest.mark.picture
 def test_render_the_dashboard_from_a_real_scrape(owui: Owui) -> None:
-    assert DASHBOARD_PNG
+    assert DASHBOARD_PNG, "set OWUI_CRYPTO_DASHBOARD_PNG=docs/grafana.png: where the picture goes"
     out = Path(DASHBOARD_PNG).resolve()
     target = urllib.parse.urlsplit(metrics_url(owui)).netloc
     with tempfile.TemporaryDirectory(prefix="owui-crypto-dashboard-") as tmp, prometheus(target, Path(tmp)) as url:
