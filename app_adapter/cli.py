@@ -217,6 +217,20 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     return 0 if done.complete else 1
 
 
+def cmd_rekey(args: argparse.Namespace) -> int:
+    from app_adapter.rekey import rekey
+
+    if not args.yes:
+        print("owui-crypto: rekey gives the user a new key and reseals everything sealed under the old one, in one "
+              "transaction (their rows are locked meanwhile). Run again with --yes.", file=sys.stderr)
+        return 2
+    done = rekey(_service(args), args.user_id)
+    rate = done.values / done.seconds if done.seconds else 0.0
+    print(f"owui-crypto: user {done.user_id}: key {done.old_key_id} -> {done.new_key_id}; resealed {done.values} "
+          f"values in {done.seconds:.1f} s ({rate:.0f} values/s). Other instances refuse the old key from now on.")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="owui-crypto", description="Install, check and operate per-user encryption of Open WebUI chats.",
@@ -254,6 +268,10 @@ def parser() -> argparse.ArgumentParser:
     p = with_db(add("provision", cmd_provision, "give USER_ID a data key, once"))
     p.add_argument("user_id")
     p = with_db(add("forget", cmd_forget, "crypto-shred USER_ID: delete their wrapped keys"))
+    p.add_argument("user_id")
+    p.add_argument("--yes", action="store_true", help="really do it")
+    p = with_db(add("rekey", cmd_rekey, "give USER_ID a new data key and reseal their rows (a key that may have "
+                                        "leaked); one transaction"))
     p.add_argument("user_id")
     p.add_argument("--yes", action="store_true", help="really do it")
     with_db(add("remove-weak-copies", cmd_remove_weak_copies,

@@ -1,0 +1,1 @@
+DROP FUNCTION owui_crypto.replace_user_key(text, bytea, bytea);
