@@ -21,7 +21,7 @@ OWUI_VERSION="0.12.4"
 TORCH_VERSION="2.13.0"
 # moto: KMS emulated over HTTP; pytest, httpx: make e2e; selenium: the browser
 # tests and make demo-screenshot (it drives Debian's chromium, never downloads one).
-PROJECT_EXTRAS=("moto[server]" pytest httpx selenium)
+PROJECT_EXTRAS=("moto[server]" pytest httpx "selenium>=4.11,<5")
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${OWUI_VENV:-.venv-owui}"

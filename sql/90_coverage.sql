@@ -203,7 +203,8 @@ INSERT INTO owui_crypto.protected_column (table_name, column_name, placeholder, 
     ('chat', 'variables', NULL, NULL),
     -- a full copy of the rated chat, and the rater's own words; rating and
     -- model id stay for the leaderboard's SQL
-    ('feedback', 'snapshot', '{"chat": {"title": "[encrypted]", "history": {"messages": {}, "currentId": null}, "messages": [], "encrypted": true}}', NULL),
+    -- the placeholder has the shape Open WebUI's admin dialog reads (snapshot.chat.chat.history.messages)
+    ('feedback', 'snapshot', '{"chat": {"title": "[encrypted]", "chat": {"title": "[encrypted]", "history": {"messages": {}, "currentId": null}, "messages": [], "encrypted": true}}}', NULL),
     ('feedback', 'data',     '"[encrypted]"', ARRAY['reason', 'comment']),
     ('memory', 'content', '[encrypted]', NULL),
     ('note', 'title', '[encrypted]', NULL),
