@@ -7,6 +7,7 @@ The tests run in file order and share one server, two users and their chats
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import time
 import uuid
@@ -545,6 +546,42 @@ def test_user_deletion_crypto_shreds(world: World) -> None:
     assert after and after != before
     assert world.owui.sql('SELECT count(DISTINCT kms_encrypted_dek) FROM "user"') == [(2,)]
     service.kms.close()
+
+
+# -- beyond chats: written through Open WebUI's own API ---------------------------------------
+
+
+def test_prompts_automations_and_events_are_sealed_and_read_back(world: World) -> None:
+    """The tables the browser test does not reach: a prompt (and its history), an automation, a calendar event.
+    Their words go into `world.written`, so the dump and the server log checks below look for them too."""
+    alice = world.alice
+    prompt, automation, event = words("prompt text"), words("automation prompt"), words("event title")
+    place, note = words("event place"), words("event note")
+    world.written += [prompt, automation, event, place, note]
+    with world.client(alice) as c:
+        command = f"/canary{secrets.token_hex(4)}"  # the command is plaintext by decision: no canary in it
+        made = ok(c.post("/api/v1/prompts/create", json={"command": command, "name": "canary prompt",
+                                                           "content": prompt})).json()
+        flow = ok(c.post("/api/v1/automations/create", json={
+            "name": "canary automation",
+            "data": {"prompt": automation, "model_id": "e2e-stub-model", "rrule": "FREQ=DAILY"}})).json()
+        calendars = ok(c.get("/api/v1/calendars/")).json()
+        calendar_id = calendars[0]["id"] if calendars else ok(c.post("/api/v1/calendars/create", json={
+            "name": "canary calendar"})).json()["id"]
+        made_event = ok(c.post("/api/v1/calendars/events/create", json={
+            "calendar_id": calendar_id, "title": event, "description": note, "location": place,
+            "start_at": int(time.time()) * 1_000_000_000})).json()
+        assert ok(c.get(f"/api/v1/prompts/id/{made['id']}")).json()["content"] == prompt
+        assert ok(c.get(f"/api/v1/automations/{flow['id']}")).json()["data"]["prompt"] == automation
+        assert made_event["title"] == event and made_event["location"] == place
+    raw = world.owui.sql("SELECT p.content || ph.snapshot::text || a.data::text || e.title || e.location"
+                         " FROM public.prompt p JOIN public.prompt_history ph ON ph.prompt_id = p.id,"
+                         " public.automation a, public.calendar_event e"
+                         " WHERE p.id = %s AND a.id = %s AND e.id = %s", (made["id"], flow["id"], made_event["id"]))
+    assert raw and "oc1:" in raw[0][0]
+    dump = subprocess.run(["pg_dump", "--no-owner", world.owui.database_url], capture_output=True, text=True,
+                          check=True).stdout
+    no_secrets(dump, [prompt, automation, event, place, note], "pg_dump")
 
 
 # -- the server log (last: it covers everything above) ------------------------------------------
