@@ -17,6 +17,7 @@ Start-up time and the suite's run time are printed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -97,9 +98,10 @@ def pg_server() -> Iterator[devdb.Server]:
         server.keepalive.stop()
 
 
-@pytest.fixture(scope="session")
-def e2e_database(pg_server: devdb.Server) -> Iterator[str]:
-    name = pg_server.create_database("owui_crypto_e2e")
+@contextlib.contextmanager
+def logged_database(pg_server: devdb.Server, prefix: str) -> Iterator[str]:
+    """A throw-away database whose every statement is logged (its parameters are not: the README's setting)."""
+    name = pg_server.create_database(prefix)
     with pg_server.connect() as conn:  # superuser-only settings, on this database only
         conn.execute(sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(sql.Identifier(name)))
         conn.execute(sql.SQL("ALTER DATABASE {} SET log_parameter_max_length = 0").format(sql.Identifier(name)))
@@ -107,6 +109,12 @@ def e2e_database(pg_server: devdb.Server) -> Iterator[str]:
         yield name
     finally:
         pg_server.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def e2e_database(pg_server: devdb.Server) -> Iterator[str]:
+    with logged_database(pg_server, "owui_crypto_e2e") as name:
+        yield name
 
 
 @pytest.fixture(scope="session")
@@ -296,14 +304,8 @@ def browser_llm() -> Iterator[LlmStub]:
 @pytest.fixture(scope="module")
 def browser_database(pg_server: devdb.Server) -> Iterator[str]:
     """A database of its own for the browser test, logged as the session's (``log_statement = all``)."""
-    name = pg_server.create_database("owui_crypto_e2e_browser")
-    with pg_server.connect() as conn:
-        conn.execute(sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(sql.Identifier(name)))
-        conn.execute(sql.SQL("ALTER DATABASE {} SET log_parameter_max_length = 0").format(sql.Identifier(name)))
-    try:
+    with logged_database(pg_server, "owui_crypto_e2e_browser") as name:
         yield name
-    finally:
-        pg_server.drop_database(name)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,6 +38,7 @@ from app_adapter.metrics import OwuiCryptoCollector, serve_metrics
 from app_adapter.owui import responses
 from app_adapter.secret import SecretBytes
 from tests.kms_fixtures import KmsServer
+from tests.test_adapter import add_users, sa_url
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "deploy" / "prometheus-alerts.yml"
@@ -69,20 +69,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.1)
-
-
-def sa_url(url: str) -> str:
-    return url.replace("postgresql://", "postgresql+psycopg://", 1)
-
-
-def add_users(db_url: str, service: KeyService, n: int) -> list[str]:
-    ids = [str(uuid.uuid4()) for _ in range(n)]
-    with psycopg.connect(db_url) as conn:
-        for uid in ids:
-            conn.execute('INSERT INTO public."user" (id, email, name, role) VALUES (%s, %s, %s, %s)',
-                         (uid, f"{uid}@example.com", uid[:8], "user"))
-            service.provision(conn, uid)
-    return ids
 
 
 def with_track_functions(db_url: str) -> str:
