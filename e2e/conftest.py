@@ -153,7 +153,7 @@ def owui(pg_server: devdb.Server, e2e_database: str, kms_server, pg_log: LogWind
                                env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
     handle = Owui(f"http://127.0.0.1:{port}", e2e_database, url, log_path, process, env)
     try:
-        _wait_healthy(handle, started)
+        wait_healthy(handle, started)
         handle.startup_seconds = time.monotonic() - started
         TIMINGS["owui_startup_s"] = handle.startup_seconds
         for key, pattern in (("owui_import_s", r"Open WebUI imported in ([\d.]+) s"),
@@ -174,8 +174,10 @@ def owui(pg_server: devdb.Server, e2e_database: str, kms_server, pg_log: LogWind
         kept.write_bytes(log_path.read_bytes())  # for a look after the run
 
 
-def _wait_healthy(handle: Owui, started: float) -> None:
-    while time.monotonic() - started < STARTUP_TIMEOUT:
+def wait_healthy(handle: Owui, started: float | None = None, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Until ``/health`` answers 200; fails with the end of serve's log if it exits or takes over ``timeout``."""
+    started = time.monotonic() if started is None else started
+    while time.monotonic() - started < timeout:
         if handle.process.poll() is not None:
             raise AssertionError(f"owui-crypto serve exited with {handle.process.returncode}:\n{handle.log()[-6000:]}")
         try:
@@ -184,7 +186,7 @@ def _wait_healthy(handle: Owui, started: float) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise AssertionError(f"Open WebUI not healthy after {STARTUP_TIMEOUT:.0f} s:\n{handle.log()[-6000:]}")
+    raise AssertionError(f"Open WebUI not healthy after {timeout:.0f} s:\n{handle.log()[-6000:]}")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -249,7 +251,7 @@ def start_owui(url: str, database: str, llm: LlmStub, workdir: Path, extra_env: 
                                    env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
     handle = Owui(f"http://127.0.0.1:{port}", database, url, log_path, process, env)
     try:
-        _wait_healthy(handle, started)
+        wait_healthy(handle, started)
     except BaseException:
         stop_owui(handle)
         raise

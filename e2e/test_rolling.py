@@ -37,7 +37,7 @@ import pytest
 import redis
 
 from app_adapter import devdb
-from e2e.conftest import OFFLINE_ENV, Owui, free_port, stop_owui
+from e2e.conftest import OFFLINE_ENV, Owui, free_port, stop_owui, wait_healthy
 from e2e.llm_stub import LlmStub
 from e2e.owui_api import Chat, User, add_user, new_chat, ok, signup
 
@@ -104,20 +104,6 @@ class Cluster:
 
 MIGRATING = "running Open WebUI's migrations"
 MIGRATED = "owui-crypto's migrations done"  # Open WebUI's and owui-crypto's, both committed
-
-
-def wait_healthy(handle: Owui, timeout: float = 240) -> None:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if handle.process.poll() is not None:
-            raise AssertionError(f"owui-crypto serve exited with {handle.process.returncode}:\n{handle.log()[-6000:]}")
-        try:
-            if httpx.get(handle.base_url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"Open WebUI not healthy after {timeout:.0f} s:\n{handle.log()[-6000:]}")
 
 
 def wait_for_log(handle: Owui, *marks: str, timeout: float = 180) -> dict[str, float]:
