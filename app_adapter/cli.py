@@ -202,7 +202,8 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     from app_adapter.rewrap import rewrap
 
     settings = Settings.from_env()
-    sources = args.sources or [settings.application_cmk_id]
+    # After the switch (README, step 3) the old key is an accepted one: a second run needs no --from.
+    sources = args.sources or [settings.application_cmk_id, *settings.accepted_cmk_ids]
     with KmsKeys(settings) as kms:
         done = rewrap(_libpq(args.database_url), kms, args.to, sources, batch=args.batch, workers=args.workers,
                       progress=not args.no_progress)
@@ -211,9 +212,10 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         print(f"owui-crypto: {line}", file=sys.stderr)
     print(done.summary())
     if done.complete and configured != done.target_arn:
-        print(f"owui-crypto: next: set KMS_APPLICATION_CMK_ID={args.to} on every instance and restart them, then run "
-              f"owui-crypto rewrap --to {args.to} {' '.join(f'--from {s}' for s in sources)} again: it moves the keys "
-              "of users who signed up meanwhile (keys already moved are not rewritten)")
+        print(f"owui-crypto: next: on every instance set KMS_APPLICATION_CMK_ID={args.to} and "
+              f"OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS={settings.application_cmk_id} and roll them (each instance opens "
+              f"keys under either CMK meanwhile), then run owui-crypto rewrap --to {args.to} again with those "
+              "settings: it moves the keys of users who signed up meanwhile (keys already moved are not rewritten)")
     return 0 if done.complete else 1
 
 
@@ -286,8 +288,8 @@ def parser() -> argparse.ArgumentParser:
                                           "concurrent change"))
     p.add_argument("--to", required=True, metavar="NEW_CMK", help="the target CMK (key id, ARN or alias)")
     p.add_argument("--from", dest="sources", action="append", metavar="CMK",
-                   help="a CMK blobs may be moved from (repeatable; default: KMS_APPLICATION_CMK_ID); a blob under "
-                        "any other key is reported and left alone")
+                   help="a CMK blobs may be moved from (repeatable; default: KMS_APPLICATION_CMK_ID and "
+                        "OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS); a blob under any other key is reported and left alone")
     p.add_argument("--batch", type=int, default=200, metavar="N", help="rows per transaction (default 200)")
     p.add_argument("--workers", type=int, default=4, metavar="N", help="concurrent ReEncrypt calls (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from app_adapter.errors import ConfigError
 
-__all__ = ["ENV_VARS", "MAC_ALGORITHMS", "Settings", "settings_table_markdown"]
+__all__ = ["ACCEPTED_CMKS_ENV", "ENV_VARS", "MAC_ALGORITHMS", "Settings", "accepted_cmk_ids", "settings_table_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,14 @@ ENV_VARS: tuple[tuple[str, str | None, str], ...] = (
         None,
         "KMS symmetric encryption key (SYMMETRIC_DEFAULT) that wraps each user's "
         "DEK and the deployment keys. Key id, key ARN, alias name or alias ARN.",
+    ),
+    (
+        "OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS",
+        "",
+        "Comma-separated CMKs (key id, key ARN, alias name or alias ARN) whose wrapped keys are also opened, each "
+        "Decrypt still naming its key; nothing is wrapped under them. For moving to another CMK with "
+        "`owui-crypto rewrap` while serving (README, \"Operating: doctor and rewrap\"): the new key before the "
+        "rewrap, the old one after the switch. A blob under any other key is refused.",
     ),
     (
         "OWUI_CRYPTO_KMS_MAC_ALGORITHM",
@@ -177,6 +185,8 @@ class Settings:
     aws_region: str
     hmac_key_id: str
     application_cmk_id: str
+    #: CMKs only unwrapped with (a rewrap in progress), never wrapped under; the primary is never among them.
+    accepted_cmk_ids: tuple[str, ...] = ()
     kms_mac_algorithm: str | None = None
     key_cache_ttl_seconds: float = 300.0
     key_cache_size: int = 10_000
@@ -202,10 +212,13 @@ class Settings:
                 "expected something like 'us-east-1' or 'eu-central-1'"
             )
         erasure, erasure_grantee = erasure_settings(environ)
+        hmac_key = _key_ref(environ, "KMS_HMAC_KEY_ID", region)  # first: the error names the first variable missing
+        cmk = _key_ref(environ, "KMS_APPLICATION_CMK_ID", region)
         settings = cls(
             aws_region=region,
-            hmac_key_id=_key_ref(environ, "KMS_HMAC_KEY_ID", region),
-            application_cmk_id=_key_ref(environ, "KMS_APPLICATION_CMK_ID", region),
+            hmac_key_id=hmac_key,
+            application_cmk_id=cmk,
+            accepted_cmk_ids=accepted_cmk_ids(environ, region, cmk),
             kms_mac_algorithm=_mac_algorithm(environ, "OWUI_CRYPTO_KMS_MAC_ALGORITHM"),
             key_cache_ttl_seconds=_number(
                 environ, "OWUI_CRYPTO_KEY_CACHE_TTL_SECONDS", float, "a number of seconds > 0, e.g. 300"
@@ -333,7 +346,31 @@ def _describe(name: str) -> str:
 
 
 def _key_ref(environ: Mapping[str, str], name: str, region: str) -> str:
-    value = _required(environ, name)
+    return _check_key_ref(_required(environ, name), name, region)
+
+
+#: The variable of :attr:`Settings.accepted_cmk_ids`.
+ACCEPTED_CMKS_ENV = "OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS"
+
+
+def accepted_cmk_ids(environ: Mapping[str, str], region: str, primary: str) -> tuple[str, ...]:
+    """:data:`ACCEPTED_CMKS_ENV`, split on commas, each a valid key reference; also read by ``iam-policy``.
+
+    Repeats and the primary itself are dropped rather than refused: the rewrap sequence has the operator move a
+    key from one variable to the other, and listing it in both for a while is harmless. Empty items (a trailing
+    comma) are ignored.
+    """
+    value = _raw(environ, ACCEPTED_CMKS_ENV)
+    if value is None:
+        return ()
+    found: list[str] = []
+    for item in (part.strip() for part in value.split(",")):
+        if item and item != primary and item not in found:
+            found.append(_check_key_ref(item, ACCEPTED_CMKS_ENV, region))
+    return tuple(found)
+
+
+def _check_key_ref(value: str, name: str, region: str) -> str:
     match = _KEY_REF_RE.match(value)
     if match is None:
         raise ConfigError(f"{name}={value!r} is not a KMS key reference; expected {_KEY_REF_EXAMPLE}")

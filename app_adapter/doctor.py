@@ -96,6 +96,8 @@ class _Probe:
     role: str = ""
     superuser: bool = False
     owner: bool = False  # the role owns (or may act as the owner of) owui-crypto's functions
+    accepted_arns: tuple[str, ...] = ()  # the accepted CMKs, by ARN (kms.keys)
+    opened_by: set[str] = field(default_factory=set)  # ARNs of the keys that opened a sampled blob (keys.sample)
 
 
 Check = Callable[[_Probe], list[Finding]]
@@ -165,9 +167,11 @@ def _kms_keys(p: _Probe) -> list[Finding]:
         found = p.kms.check_keys()
     except OwuiCryptoError as exc:
         return [Finding("kms.keys", Status.FAIL, str(exc))]
+    p.accepted_arns = found.accepted_arns
+    accepted = f", and accepted CMK(s) {', '.join(found.accepted_arns)}," if found.accepted_arns else ""
     return [Finding("kms.keys", Status.PASS,
                     f"HMAC key {found.hmac_key_arn} ({found.hmac_key_spec}, {found.mac_algorithm}) and application "
-                    f"CMK {found.cmk_arn} exist, are Enabled and of the right usage and spec")]
+                    f"CMK {found.cmk_arn}{accepted} exist, are Enabled and of the right usage and spec")]
 
 
 def _kms_round_trip(p: _Probe) -> list[Finding]:
@@ -445,8 +449,9 @@ def _keys_users(p: _Probe) -> list[Finding]:
 
 
 def _keys_sample(p: _Probe) -> list[Finding]:
-    """The oldest and the newest user's KMS copy, opened as the adapter opens them (explicit KeyId): after a
-    rewrap, one of them fails if KMS_APPLICATION_CMK_ID was not switched, or the rewrap not finished."""
+    """The oldest and the newest user's KMS copy, opened as the adapter opens them (each Decrypt naming its key):
+    after a rewrap, one of them fails if the new key is neither KMS_APPLICATION_CMK_ID nor accepted, or if the
+    old one was dropped before the rewrap finished."""
     from app_adapter.errors import CannotUnwrap
 
     if p.kms is None or p.settings is None:
@@ -460,19 +465,48 @@ def _keys_sample(p: _Probe) -> list[Finding]:
     if not rows:
         return [Finding("keys.sample", Status.PASS, "no user has a key yet")]
     refused = []
+    opened_by: set[str] = set()
     for user_id, blob in rows:
         try:
-            p.kms.unwrap_dek(user_id, bytes(blob))
+            opened_by.add(p.kms.unwrap_dek_with_key(user_id, bytes(blob))[1])
         except CannotUnwrap:
             refused.append(user_id)
+    p.opened_by |= opened_by
+    allowed = f"KMS_APPLICATION_CMK_ID={p.settings.application_cmk_id}"
+    if p.settings.accepted_cmk_ids:
+        allowed += f" or OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS={','.join(p.settings.accepted_cmk_ids)}"
     if refused:
         return [Finding("keys.sample", Status.FAIL,
-                        f"the KMS copy of user(s) {', '.join(refused)} does not open under KMS_APPLICATION_CMK_ID="
-                        f"{p.settings.application_cmk_id}: it was wrapped under another CMK",
-                        "if a rewrap was started, finish it (owui-crypto rewrap --to THIS_CMK --from OLD_CMK); "
-                        "otherwise KMS_APPLICATION_CMK_ID names the wrong key")]
-    return [Finding("keys.sample", Status.PASS, f"the oldest and newest user's keys open under "
-                    f"KMS_APPLICATION_CMK_ID={p.settings.application_cmk_id}")]
+                        f"the KMS copy of user(s) {', '.join(refused)} does not open under {allowed}: it was wrapped "
+                        "under another CMK",
+                        "if a rewrap was started, accept its old key again (OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS) and "
+                        "finish it (owui-crypto rewrap --to THIS_CMK --from OLD_CMK); otherwise "
+                        "KMS_APPLICATION_CMK_ID names the wrong key")]
+    return [Finding("keys.sample", Status.PASS, f"the oldest and newest user's keys open under {allowed} (opened by "
+                    f"{', '.join(sorted(opened_by))})")]
+
+
+def _kms_accepted(p: _Probe) -> list[Finding]:
+    """Each accepted CMK is Enabled and of the right kind (kms.keys); here, whether the task role's Decrypt on it
+    is proven by a real blob. KMS cannot be asked that without one, and nothing may be wrapped under an accepted
+    key (the role has no GenerateDataKey on it), so before the rewrap moves a blob there it stays unproven."""
+    if p.kms is None or p.settings is None or not p.settings.accepted_cmk_ids:
+        return []
+    if not p.accepted_arns:
+        return []  # kms.keys failed and said why
+    findings = []
+    for arn in p.accepted_arns:
+        if arn in p.opened_by:
+            findings.append(Finding("kms.accepted", Status.PASS, f"accepted CMK {arn}: Enabled, and a sampled "
+                                    "user's key wrapped under it opened (kms:Decrypt works)"))
+        else:
+            findings.append(Finding(
+                "kms.accepted", Status.WARN,
+                f"accepted CMK {arn} is Enabled, but no sampled key is wrapped under it, so kms:Decrypt on it is "
+                "not proven (expected before a rewrap to it, or after the rewrap away from it)",
+                "give the task role what owui-crypto iam-policy prints with OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS set; "
+                "after the rewrap, run doctor again; once nothing is under the old key, drop it from the list"))
+    return findings
 
 
 def _registered_without_kms_copy(conn: psycopg.Connection[Any]) -> int:
@@ -514,5 +548,6 @@ _DATABASE_CHECKS: tuple[Check, ...] = (
     _needs_schema(_keys_share),
     _needs_schema(_keys_users),
     _needs_schema(_keys_sample),
+    _needs_schema(_kms_accepted),
 )
 

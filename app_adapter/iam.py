@@ -3,7 +3,7 @@
 It allows exactly the KMS calls :mod:`app_adapter.kms` makes, on the two keys
 it makes them on, with the encryption contexts it sends:
 
-* ``kms:DescribeKey`` on both keys (``check_keys``, run at every start);
+* ``kms:DescribeKey`` on both keys and each accepted CMK (``check_keys``, run at every start);
 * ``kms:GenerateMac`` on the HMAC key (user ids). No ``kms:MacAlgorithm``
   condition: each HMAC KeySpec supports exactly one algorithm and the
   Resource pins the key, so KMS already refuses every other algorithm; the
@@ -15,6 +15,11 @@ it makes them on, with the encryption contexts it sends:
   share key). ``kms:Encrypt`` of a user DEK (``KmsKeys.wrap_dek``) and
   ``kms:ReEncrypt*`` are left out: no code path calls them (CMK rotation is
   transparent to old blobs and needs no ReEncrypt).
+* on each accepted CMK (``OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS``, while moving to
+  another CMK with ``owui-crypto rewrap``): ``kms:Decrypt`` only, with the same
+  contexts. Nothing is wrapped under an accepted key, so it gets no
+  GenerateDataKey or Encrypt; the key that becomes primary gets them when it
+  becomes ``KMS_APPLICATION_CMK_ID``.
 * optionally ``secretsmanager:GetSecretValue`` on one database secret
   (``OWUI_CRYPTO_DB_SECRET_ARN``), which owui-crypto then reads itself
   (:mod:`app_adapter.aurora`). Without it, on ECS the task definition's
@@ -46,10 +51,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from app_adapter.config import erasure_settings
+from app_adapter.config import ACCEPTED_CMKS_ENV, erasure_settings
 from app_adapter.errors import ConfigError
 
 __all__ = [
@@ -80,6 +85,10 @@ IAM authorizes KMS calls on the key, not on an alias. Find a key's ARN with
 
 deploy/owui-crypto.yaml gives its task role exactly this document.
 
+With OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS (key ARNs, comma-separated; the CMKs the instances also unwrap with
+while a rewrap moves keys between CMKs) it adds kms:DescribeKey and kms:Decrypt on each, with the same
+encryption contexts, and nothing else.
+
 With OWUI_CRYPTO_ERASURE=grants and OWUI_CRYPTO_ERASURE_GRANTEE=<the task role's ARN> in the environment
 it prints the policy of erasure that reaches backups instead: no kms:Decrypt of user DEKs of the role's
 own, kms:CreateGrant of per-user Decrypt grants to itself, kms:ListGrants. The CMK's key policy must then
@@ -107,9 +116,10 @@ _CMK_USES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 def task_role_policy(hmac_key_arn: str, cmk_arn: str, db_secret_arn: str | None = None, *,
                      erasure: str = "off", grantee_arn: str | None = None,
-                     db_user_arn: str | None = None) -> dict[str, Any]:
+                     db_user_arn: str | None = None, accepted_cmk_arns: Sequence[str] = ()) -> dict[str, Any]:
     """The policy document for ``hmac_key_arn`` and ``cmk_arn`` (both key ARNs).
 
+    ``accepted_cmk_arns`` (key ARNs) get DescribeKey and Decrypt only, under the same context conditions.
     ``db_secret_arn`` adds ``secretsmanager:GetSecretValue`` on that secret. ``erasure="grants"`` (with
     ``grantee_arn``, the role's own ARN) gives the policy of :mod:`app_adapter.erasure`. ``db_user_arn`` adds
     ``rds-db:connect`` on that database user (RDS IAM authentication).
@@ -119,8 +129,14 @@ def task_role_policy(hmac_key_arn: str, cmk_arn: str, db_secret_arn: str | None 
                                          "OWUI_CRYPTO_ERASURE_GRANTEE": grantee_arn or ""})
     hmac_key_arn = _key_arn(hmac_key_arn, "the HMAC key (--hmac-key-arn, KMS_HMAC_KEY_ID)")
     cmk_arn = _key_arn(cmk_arn, "the application CMK (--cmk-arn, KMS_APPLICATION_CMK_ID)")
+    accepted: list[str] = []
+    for given in accepted_cmk_arns:
+        arn = _key_arn(given, f"an accepted CMK ({ACCEPTED_CMKS_ENV})")
+        if arn != cmk_arn and arn not in accepted:
+            accepted.append(arn)
     statements: list[dict[str, Any]] = [
-        {"Sid": "DescribeKeys", "Effect": "Allow", "Action": "kms:DescribeKey", "Resource": [hmac_key_arn, cmk_arn]},
+        {"Sid": "DescribeKeys", "Effect": "Allow", "Action": "kms:DescribeKey",
+         "Resource": [hmac_key_arn, cmk_arn, *accepted]},
         {"Sid": "UserIdsFromEmails", "Effect": "Allow", "Action": "kms:GenerateMac", "Resource": hmac_key_arn},
     ]
     from app_adapter import kms
@@ -133,6 +149,11 @@ def task_role_policy(hmac_key_arn: str, cmk_arn: str, db_secret_arn: str | None 
             {"Sid": sid, "Effect": "Allow", "Action": allowed, "Resource": cmk_arn,
              "Condition": _context_condition(context)}
         )
+        if accepted and "kms:Decrypt" in allowed:
+            statements.append(
+                {"Sid": f"Accepted{sid}", "Effect": "Allow", "Action": ["kms:Decrypt"], "Resource": accepted,
+                 "Condition": _context_condition(context)}
+            )
     if grantee is not None:
         statements.extend(_grant_statements(cmk_arn, grantee))
     if db_secret_arn is not None:
@@ -185,7 +206,8 @@ def policy_from_environment(
     environ: Mapping[str, str] = os.environ,
 ) -> dict[str, Any]:
     """:func:`task_role_policy` with each missing argument read from the environment:
-    ``KMS_HMAC_KEY_ID``, ``KMS_APPLICATION_CMK_ID``, :data:`DB_SECRET_ENV` (omitted if unset)."""
+    ``KMS_HMAC_KEY_ID``, ``KMS_APPLICATION_CMK_ID``, :data:`DB_SECRET_ENV` (omitted if unset); the accepted CMKs
+    from ``OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS``."""
     hmac = hmac_key_arn or _env(environ, "KMS_HMAC_KEY_ID")
     cmk = cmk_arn or _env(environ, "KMS_APPLICATION_CMK_ID")
     if hmac is None:
@@ -193,8 +215,10 @@ def policy_from_environment(
     if cmk is None:
         raise ConfigError("no application CMK: pass --cmk-arn or set KMS_APPLICATION_CMK_ID to the key's ARN")
     erasure, grantee = erasure_settings(environ)
+    accepted = [item.strip() for item in (_env(environ, ACCEPTED_CMKS_ENV) or "").split(",") if item.strip()]
     return task_role_policy(hmac, cmk, db_secret_arn or _env(environ, DB_SECRET_ENV), erasure=erasure,
-                            grantee_arn=grantee, db_user_arn=_db_user_from_environment(environ))
+                            grantee_arn=grantee, db_user_arn=_db_user_from_environment(environ),
+                            accepted_cmk_arns=accepted)
 
 
 def _db_user_from_environment(environ: Mapping[str, str]) -> str | None:

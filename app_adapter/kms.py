@@ -7,6 +7,12 @@
   deployment-wide keys such as the share key. Every wrap is bound to an
   encryption context naming its owner, so a blob moved to another user's row
   does not open.
+* **Accepted CMKs** (``OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS``) are only ever
+  unwrapped with, never wrapped under: they let a fleet go through
+  ``owui-crypto rewrap`` without a failed request. Every Decrypt still names
+  its key (``KeyId``), the allowed keys one after another; KMS's ciphertext
+  format is opaque (only moto's names its key in clear), so we do not read the
+  key from the blob, and a blob of any other key opens under none of them.
 
 KMS itself enforces key state, key usage and the HMAC algorithm; emulators
 such as moto do not, so :meth:`KmsKeys.check_keys` checks them too, and the
@@ -37,7 +43,7 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from app_adapter.config import MAC_ALGORITHMS, Settings
+from app_adapter.config import ACCEPTED_CMKS_ENV, MAC_ALGORITHMS, Settings
 from app_adapter.errors import (
     CannotUnwrap,
     InvalidInput,
@@ -146,12 +152,13 @@ def uuid_from_mac(mac: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class KeyCheck:
-    """What :meth:`KmsKeys.check_keys` found: both keys are usable."""
+    """What :meth:`KmsKeys.check_keys` found: both keys, and every accepted CMK, are usable."""
 
     hmac_key_arn: str
     hmac_key_spec: str
     mac_algorithm: str
     cmk_arn: str
+    accepted_arns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +276,14 @@ class KmsKeys:
             client = _new_client(settings)
         self._client = client
         self._hmac_spec: str | None = None
+        # The keys Decrypt may name, primary first, each with the variable that named it (for messages).
+        self._unwrap_keys: tuple[tuple[str, str], ...] = (
+            (settings.application_cmk_id, "KMS_APPLICATION_CMK_ID"),
+            *((key, ACCEPTED_CMKS_ENV) for key in settings.accepted_cmk_ids if key != settings.application_cmk_id),
+        )
+        # Index of the key that opened the last blob, tried first next time: during a rewrap most blobs are
+        # under one key, so a cache miss costs one Decrypt, not one per allowed key.
+        self._preferred = 0
         self._lock = threading.Lock()
         self._calls: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
@@ -288,8 +303,14 @@ class KmsKeys:
         return (
             f"KmsKeys(region={self._settings.aws_region!r}, "
             f"hmac_key_id={self._settings.hmac_key_id!r}, "
-            f"cmk_id={self._settings.application_cmk_id!r})"
+            f"cmk_id={self._settings.application_cmk_id!r}, "
+            f"accepted_cmk_ids={self._settings.accepted_cmk_ids!r})"
         )
+
+    @property
+    def unwrap_key_ids(self) -> tuple[str, ...]:
+        """The CMKs a Decrypt may name, as configured: ``KMS_APPLICATION_CMK_ID`` first, then the accepted ones."""
+        return tuple(key for key, _ in self._unwrap_keys)
 
     @property
     def client(self) -> Any:
@@ -309,7 +330,7 @@ class KmsKeys:
     # -- key checks ---------------------------------------------------------
 
     def check_keys(self) -> KeyCheck:
-        """DescribeKey both keys and refuse any that real KMS would refuse.
+        """DescribeKey both keys and each accepted CMK, and refuse any that real KMS would refuse.
 
         Raises :class:`KeyUnavailable` when a key is not Enabled (disabled,
         pending deletion...), or has the wrong usage or spec, and
@@ -330,11 +351,15 @@ class KmsKeys:
             usage="ENCRYPT_DECRYPT",
             specs=("SYMMETRIC_DEFAULT",),
         )
+        # An accepted key that could not decrypt is refused like the primary: it would fail only later, on the
+        # first cache miss of a user whose blob it wraps, and emulators would never say so.
+        accepted = tuple(self.check_cmk(key, ACCEPTED_CMKS_ENV) for key, _ in self._unwrap_keys[1:])
         return KeyCheck(
             hmac_key_arn=hmac_meta["Arn"],
             hmac_key_spec=hmac_meta["KeySpec"],
             mac_algorithm=algorithm,
             cmk_arn=cmk_meta["Arn"],
+            accepted_arns=accepted,
         )
 
     def mac_algorithm(self) -> str:
@@ -419,13 +444,17 @@ class KmsKeys:
         A blob of another user, another key or another purpose raises
         :class:`CannotUnwrap`.
         """
-        dek = self._decrypt(blob, _user_context(user_id), f"the wrapped DEK of user {user_id!r}")
+        return self.unwrap_dek_with_key(user_id, blob)[0]
+
+    def unwrap_dek_with_key(self, user_id: str, blob: bytes) -> tuple[SecretBytes, str]:
+        """:meth:`unwrap_dek`, and the ARN of the key (primary or accepted) that opened it, as KMS names it."""
+        dek, key_arn = self._open(blob, _user_context(user_id), f"the wrapped DEK of user {user_id!r}")
         if len(dek) != DEK_BYTES:
             raise CannotUnwrap(
                 f"the wrapped DEK of user {user_id!r} opened to {len(dek)} bytes, "
                 f"not {DEK_BYTES}: it is not a DEK"
             )
-        return dek
+        return dek, key_arn
 
     # -- deployment keys ---------------------------------------------------
 
@@ -440,7 +469,7 @@ class KmsKeys:
 
     def unwrap_deployment_key(self, name: str, blob: bytes) -> SecretBytes:
         """Decrypt a blob from :meth:`wrap_deployment_key` with the same ``name``."""
-        return self._decrypt(blob, _deployment_context(name), f"the wrapped deployment key {name!r}")
+        return self._open(blob, _deployment_context(name), f"the wrapped deployment key {name!r}")[0]
 
     # -- moving wrapped keys to another CMK ---------------------------------
 
@@ -564,19 +593,7 @@ class KmsKeys:
         A grant takes effect everywhere in KMS within about five minutes; its token makes it usable at once,
         so a user's first Decrypt right after sign-up does not depend on how fast the grant spreads.
         """
-        if not isinstance(blob, (bytes, bytearray, memoryview)) or not blob:
-            raise CannotUnwrap(f"the wrapped DEK of user {user_id!r} is empty or not bytes")
-        response = self._call(
-            "Decrypt",
-            "KMS_APPLICATION_CMK_ID",
-            self._settings.application_cmk_id,
-            what=f"the wrapped DEK of user {user_id!r}",
-            KeyId=self._settings.application_cmk_id,
-            CiphertextBlob=bytes(blob),
-            EncryptionContext=_user_context(user_id),
-            GrantTokens=list(grant_tokens),
-        )
-        dek = SecretBytes(response["Plaintext"])
+        dek, _ = self._open(blob, _user_context(user_id), f"the wrapped DEK of user {user_id!r}", grant_tokens)
         if len(dek) != DEK_BYTES:
             raise CannotUnwrap(f"the wrapped DEK of user {user_id!r} opened to {len(dek)} bytes, not {DEK_BYTES}")
         return dek
@@ -680,25 +697,46 @@ class KmsKeys:
         )
         return bytes(response["CiphertextBlob"])
 
-    def _decrypt(self, blob: bytes, context: dict[str, str], what: str) -> SecretBytes:
+    def _open(self, blob: bytes, context: dict[str, str], what: str,
+              grant_tokens: tuple[str, ...] = ()) -> tuple[SecretBytes, str]:
+        """Decrypt ``blob`` naming each allowed key in turn; the plaintext and the ARN of the key that opened it.
+
+        An explicit KeyId makes KMS refuse a blob made under any other key instead of quietly using whichever
+        key made it, so a blob of a key that is neither the primary nor accepted opens under none. A key that
+        does not fit (IncorrectKeyException; moto: AccessDeniedException) or is unavailable sends us to the
+        next one; throttling or an unreachable KMS stops at once (another key would not help). Only the error
+        finally raised counts as an error in :meth:`metrics`: a miss on the way is not a failure.
+        """
         if not isinstance(blob, (bytes, bytearray, memoryview)) or not blob:
             raise CannotUnwrap(f"{what} is empty or not bytes")
-        response = self._call(
-            "Decrypt",
-            "KMS_APPLICATION_CMK_ID",
-            self._settings.application_cmk_id,
-            what=what,
-            # An explicit KeyId makes KMS refuse a blob made under any other
-            # key instead of quietly using whichever key made it.
-            KeyId=self._settings.application_cmk_id,
-            CiphertextBlob=bytes(blob),
-            EncryptionContext=context,
-        )
-        return SecretBytes(response["Plaintext"])
+        keys = self._unwrap_keys
+        first = self._preferred
+        extra = {"GrantTokens": list(grant_tokens)} if grant_tokens else {}
+        missed: list[CannotUnwrap | KeyUnavailable] = []
+        for index in (*range(first, len(keys)), *range(first)):
+            key_id, variable = keys[index]
+            try:
+                response = self._call("Decrypt", variable, key_id, what=what, count_errors=False, KeyId=key_id,
+                                      CiphertextBlob=bytes(blob), EncryptionContext=context, **extra)
+            except (CannotUnwrap, KeyUnavailable) as exc:
+                missed.append(exc)
+                continue
+            except (KmsError, InvalidInput) as exc:
+                self._count_error("Decrypt", exc)
+                raise
+            self._preferred = index
+            return SecretBytes(response["Plaintext"]), str(response.get("KeyId") or key_id)
+        error = _unwrap_failure(missed, what)
+        self._count_error("Decrypt", error)
+        if error is missed[0]:
+            raise error
+        raise error from missed[0]
 
-    def _call(self, operation: str, variable: str, key_id: str, *, what: str = "", **params: Any) -> Any:
+    def _call(self, operation: str, variable: str, key_id: str, *, what: str = "", count_errors: bool = True,
+              **params: Any) -> Any:
         """One KMS request: counted, timed, and its errors translated into ours (never quoting parameters).
-        The operation is the service's (``_SNAKE_CASE``), an operator command's or erasure's."""
+        The operation is the service's (``_SNAKE_CASE``), an operator command's or erasure's. With
+        ``count_errors=False`` the caller decides whether a failure counts as an error."""
         method = getattr(self._client, _ALL_SNAKE_CASE[operation])
         with self._lock:
             self._calls[operation] += 1
@@ -709,12 +747,14 @@ class KmsKeys:
             error: KmsError | InvalidInput | CannotUnwrap = InvalidInput(
                 f"KMS {operation} refused its parameters before sending (a bug in the caller)"
             )
-            self._count_error(operation, error)
+            if count_errors:
+                self._count_error(operation, error)
             # Its text quotes parameter values, which include our plaintext.
             raise error from None
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             error = self._translate(exc, operation, variable, key_id, what)
-            self._count_error(operation, error)
+            if count_errors:
+                self._count_error(operation, error)
             raise error from exc
         finally:
             self._record_latency(operation, time.perf_counter() - started)
@@ -819,6 +859,27 @@ _OPERATOR_SNAKE_CASE = {
 
 
 _ALL_SNAKE_CASE = {**_SNAKE_CASE, **_GRANT_SNAKE_CASE, **_OPERATOR_SNAKE_CASE}
+
+
+def _unwrap_failure(missed: list[CannotUnwrap | KeyUnavailable], what: str) -> CannotUnwrap | KeyUnavailable:
+    """The one error of a blob no allowed key opened: with one key, its own; else an unavailable key's (the blob
+    may be under it: the operator must act), or a CannotUnwrap naming every key tried."""
+    if len(missed) == 1:
+        return missed[0]
+    unavailable = [m for m in missed if isinstance(m, KeyUnavailable)]
+    if unavailable:
+        return unavailable[0]
+    tried = "; ".join(str(m).split(" failed ", 1)[0].removeprefix("KMS Decrypt on ") + f" ({_code(m)})"
+                      for m in missed)
+    return CannotUnwrap(f"KMS Decrypt: {what or 'the blob'} opens under none of the allowed CMKs ({tried}): it was "
+                        "made by another key or for another owner, or is corrupt")
+
+
+def _code(error: Exception) -> str:
+    cause = error.__cause__
+    if isinstance(cause, botocore.exceptions.ClientError):
+        return str(cause.response.get("Error", {}).get("Code", "Unknown"))
+    return type(error).__name__
 
 
 def _validate_algorithm_name(name: str) -> None:

@@ -1,11 +1,12 @@
 """``owui-crypto rewrap``: move every KMS-wrapped key to another CMK.
 
 Why it exists: the wrapped keys name the CMK that made them, and the adapter
-decrypts with an explicit ``KeyId`` (``KMS_APPLICATION_CMK_ID``), so pointing
-that setting at a new key makes every existing blob unopenable. Moving to
-another CMK (another account, a multi-Region key, a key with other
-administrators) therefore means re-wrapping each ``"user".kms_encrypted_dek``
-and each ``owui_crypto.deployment_key.kms_wrapped`` under the new key.
+decrypts naming its keys explicitly (``KMS_APPLICATION_CMK_ID``, then any
+``OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS``), so a blob under any other key does not
+open. Moving to another CMK (another account, a multi-Region key, a key with
+other administrators) therefore means re-wrapping each
+``"user".kms_encrypted_dek`` and each ``owui_crypto.deployment_key.kms_wrapped``
+under the new key.
 
 KMS's *automatic rotation* of a CMK needs none of this: KMS keeps every
 earlier key material of the key and picks the right one from the blob, so
@@ -22,7 +23,11 @@ How it works, and why:
   that is neither a source (``--from``, default ``KMS_APPLICATION_CMK_ID``)
   nor the target is left alone and reported: rewrap does not launder keys
   it was not told about into the new CMK.
-* Safe beside a running Open WebUI: rows are read in batches by id, KMS is
+* Safe beside a running Open WebUI, in two ways. For the requests: a run
+  starts only if the target is ``KMS_APPLICATION_CMK_ID`` or one of
+  ``OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS`` of its own settings, the settings the
+  fleet is meant to run with; instances configured so open a blob on either
+  side of the move (README, the rewrap sequence). For the data: rows are read in batches by id, KMS is
   called outside any transaction, and each row is written with
   ``UPDATE ... WHERE kms_encrypted_dek = <the blob that was re-encrypted>``,
   so a concurrent change (a user forgotten, re-provisioned) is never
@@ -125,6 +130,7 @@ def rewrap(dsn: str, kms: KmsKeys, target: str, sources: Sequence[str], *, batch
     if batch < 1 or workers < 1:
         raise RewrapError(f"--batch and --workers must be at least 1, got {batch} and {workers}")
     target_arn = kms.check_cmk(target, "--to")  # an alias could be repointed mid-run; the ARN cannot
+    _require_accepted(kms, target, target_arn)
     allowed = {kms.key_arn(key, "--from") for key in sources} | {target_arn}
     done = Rewrap(target_arn)
     started = time.perf_counter()
@@ -142,6 +148,19 @@ def rewrap(dsn: str, kms: KmsKeys, target: str, sources: Sequence[str], *, batch
                 last = rows[-1].key
     done.seconds = time.perf_counter() - started
     return done
+
+
+def _require_accepted(kms: KmsKeys, target: str, target_arn: str) -> None:
+    """Refuse a target that instances configured as this process could not unwrap with: each blob moved would be
+    a failed request (a 500) for its user on every such instance until they restart."""
+    if target_arn in {kms.key_arn(key, "KMS_APPLICATION_CMK_ID or OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS")
+                      for key in kms.unwrap_key_ids}:
+        return
+    raise RewrapError(
+        f"--to {target} is neither KMS_APPLICATION_CMK_ID nor in OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS: instances "
+        "configured like this command could not open the keys it moves. First add it to "
+        "OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS on every instance and restart them (and in this command's environment), "
+        "then run rewrap again")
 
 
 def _count(conn: psycopg.Connection[Any]) -> int:

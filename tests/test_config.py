@@ -178,3 +178,32 @@ def test_defaults_in_the_table_are_the_dataclass_defaults() -> None:
     assert s.kms_connect_timeout == fields["kms_connect_timeout"]
     assert s.kms_read_timeout == fields["kms_read_timeout"]
     assert s.user_secret_provider == fields["user_secret_provider"]
+
+
+# -- OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS (moving to another CMK while serving) ------------------------------------
+
+OTHER_ARN = "arn:aws:kms:us-east-1:111122223333:key/0000abcd-12ab-34cd-56ef-1234567890ab"
+
+
+def test_accepted_cmks_default_to_none() -> None:
+    assert Settings.from_env(BASE).accepted_cmk_ids == ()
+    assert Settings.from_env(env(OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS=" ")).accepted_cmk_ids == ()
+
+
+def test_accepted_cmks_are_a_comma_separated_list_of_key_references() -> None:
+    value = f" {OTHER_ARN} , alias/owui-next,,mrk-{'a' * 32},{OTHER_ARN},{KEY_ARN}, "
+    s = Settings.from_env(env(OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS=value))
+    # Order kept; blanks, repeats and the primary itself dropped (listed in both during a switch: harmless).
+    assert s.accepted_cmk_ids == (OTHER_ARN, "alias/owui-next", f"mrk-{'a' * 32}")
+    assert s.application_cmk_id == KEY_ARN
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("not-a-key", "'not-a-key' is not a KMS key reference"),
+    (f"{OTHER_ARN};alias/x", "is not a KMS key reference"),  # only commas separate
+    (OTHER_ARN.replace("us-east-1", "eu-west-1"), "region 'eu-west-1' but AWS_REGION='us-east-1'"),
+])
+def test_a_malformed_accepted_cmk_names_the_variable(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match="OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS") as info:
+        Settings.from_env(env(OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS=value))
+    assert message in str(info.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 
@@ -151,3 +152,27 @@ def test_the_command_prints_each_item_and_json(healthy: Site) -> None:
     healthy.configure({"log_statement": "all", "log_parameter_max_length": "-1"})
     failed = owui_crypto("doctor", "--json", "--database-url", healthy.owner_url)
     assert failed.returncode == 1 and json.loads(failed.stdout)["ok"] is False
+
+
+def test_accepted_cmks_are_checked_and_their_decrypt_proven_once_a_key_is_under_them(
+        healthy: Site, settings: Settings, kms_server: KmsServer) -> None:
+    from app_adapter.kms import KmsKeys
+    from app_adapter.rewrap import rewrap
+
+    new = kms_server.create_key()
+    accepting = dataclasses.replace(settings, accepted_cmk_ids=(new,))
+    # Step 1 of the rewrap sequence: the new key accepted, nothing under it yet: usable, Decrypt not yet proven.
+    before = diagnose(healthy.owner_url, settings=accepting)
+    assert before.ok, before.text()
+    assert statuses(before)["kms.accepted"] == {Status.WARN}
+    assert "not proven" in before.text()
+    with KmsKeys(accepting) as kms:
+        assert rewrap(healthy.owner_url, kms, new, [settings.application_cmk_id], progress=False).complete
+    # After the rewrap: every key is under the accepted one, and it opens them.
+    after = diagnose(healthy.owner_url, settings=accepting)
+    found = statuses(after)
+    assert after.ok and found["kms.accepted"] == found["keys.sample"] == found["keys.share"] == {Status.PASS}, \
+        after.text()
+    # An accepted key that could not decrypt fails kms.keys, as the primary would.
+    kms_server.admin.disable_key(KeyId=new)
+    assert "kms.keys" in failing(diagnose(healthy.owner_url, settings=accepting))

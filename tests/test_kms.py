@@ -229,6 +229,101 @@ def test_blob_of_another_cmk_does_not_unwrap(kms_server: KmsServer, keys: KmsKey
     assert info.value.__cause__.response["Error"]["Code"] == "AccessDeniedException"  # type: ignore[union-attr]
 
 
+# -- accepted CMKs (OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS) ------------------------------------------------------------
+
+
+def arn(kms_server: KmsServer, key_id: str) -> str:
+    return str(kms_server.admin.describe_key(KeyId=key_id)["KeyMetadata"]["Arn"])
+
+
+def test_blobs_of_the_primary_and_of_an_accepted_cmk_open_each_decrypt_naming_its_key(kms_server: KmsServer) -> None:
+    old, new = kms_server.create_key(), kms_server.create_key()
+    with KmsKeys(kms_server.settings(application_cmk_id=old)) as under_old, \
+            KmsKeys(kms_server.settings(application_cmk_id=new)) as under_new:
+        old_blob, new_blob = under_old.wrap_dek("user-a", CANARY_DEK), under_new.wrap_dek("user-a", CANARY_DEK)
+        share = under_new.wrap_deployment_key("share", CANARY_DEK)
+    with KmsKeys(kms_server.settings(application_cmk_id=old, accepted_cmk_ids=(new,))) as keys:
+        sent = capture(keys, "Decrypt")
+        encrypted = capture(keys, "Encrypt")
+        opened = [keys.unwrap_dek_with_key("user-a", b) for b in (old_blob, new_blob)]
+        assert [(dek.reveal(), key) for dek, key in opened] == [(CANARY_DEK, arn(kms_server, old)),
+                                                               (CANARY_DEK, arn(kms_server, new))]
+        # The key that opened the last blob is tried first: the next blob under it costs one Decrypt.
+        assert keys.unwrap_dek("user-a", new_blob).reveal() == CANARY_DEK
+        assert keys.unwrap_deployment_key("share", share).reveal() == CANARY_DEK
+        # New wraps are always under the primary.
+        keys.wrap_dek("user-b", CANARY_DEK)
+        metrics = keys.metrics()
+    assert [s["KeyId"] for s in sent] == [old, old, new, new, new]
+    assert [e["KeyId"] for e in encrypted] == [old]
+    # The miss on the way (old, for the blob under new) is a KMS call, not an error.
+    assert metrics["calls"] == {"Decrypt": 5, "Encrypt": 1} and metrics["errors"] == {}
+
+
+def test_a_blob_of_a_cmk_neither_primary_nor_accepted_is_refused(kms_server: KmsServer) -> None:
+    old, new, foreign = kms_server.create_key(), kms_server.create_key(), kms_server.create_key()
+    with KmsKeys(kms_server.settings(application_cmk_id=foreign)) as stranger:
+        blob = stranger.wrap_dek("user-a", CANARY_DEK)
+        share = stranger.wrap_deployment_key("share", CANARY_DEK)
+    with KmsKeys(kms_server.settings(application_cmk_id=old, accepted_cmk_ids=(new,))) as keys:
+        sent = capture(keys, "Decrypt")
+        with pytest.raises(CannotUnwrap, match="none of the allowed CMKs") as info:
+            keys.unwrap_dek("user-a", blob)
+        with pytest.raises(CannotUnwrap):
+            keys.unwrap_deployment_key("share", share)
+        metrics = keys.metrics()
+    text = exception_text(info.value)
+    assert f"KMS_APPLICATION_CMK_ID={old}" in text and f"OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS={new}" in text
+    assert_no_secret(text, CANARY_DEK)
+    # Every Decrypt named an allowed key: KMS never used the foreign key (moto refuses a KeyId that does not
+    # match the blob with AccessDeniedException, real KMS with IncorrectKeyException).
+    assert {s["KeyId"] for s in sent} == {old, new} and len(sent) == 4
+    assert "AccessDeniedException" in text
+    assert metrics["errors"] == {"CannotUnwrap": 2} and metrics["errors_by_operation"] == {
+        "Decrypt": {"CannotUnwrap": 2}}
+
+
+def test_another_users_blob_under_an_accepted_cmk_does_not_unwrap(kms_server: KmsServer) -> None:
+    old, new = kms_server.create_key(), kms_server.create_key()
+    with KmsKeys(kms_server.settings(application_cmk_id=new)) as under_new:
+        blob = under_new.wrap_dek("user-a", CANARY_DEK)
+    with KmsKeys(kms_server.settings(application_cmk_id=old, accepted_cmk_ids=(new,))) as keys:
+        with pytest.raises(CannotUnwrap, match="user-b"):
+            keys.unwrap_dek("user-b", blob)
+
+
+def test_check_keys_refuses_an_accepted_cmk_that_could_not_decrypt(kms_server: KmsServer) -> None:
+    disabled, hmac_key = kms_server.create_key(), kms_server.create_key("HMAC_256")
+    kms_server.admin.disable_key(KeyId=disabled)
+    with KmsKeys(kms_server.settings(accepted_cmk_ids=(disabled,))) as keys:
+        with pytest.raises(KeyUnavailable, match=f"OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS={disabled}.*Disabled"):
+            keys.check_keys()
+    with KmsKeys(kms_server.settings(accepted_cmk_ids=(hmac_key,))) as keys:
+        with pytest.raises(KeyUnavailable, match="GENERATE_VERIFY_MAC"):
+            keys.check_keys()
+    good = kms_server.create_key()
+    with KmsKeys(kms_server.settings(accepted_cmk_ids=(good,))) as keys:
+        assert keys.check_keys().accepted_arns == (arn(kms_server, good),)
+
+
+def test_a_disabled_accepted_cmk_is_unavailable_not_unopenable(kms_server: KmsServer) -> None:
+    """A blob under an accepted key KMS refuses to use: the operator must act (KeyUnavailable), as for the primary.
+    moto decrypts with disabled keys; the client adds real KMS's refusal."""
+    old, new = kms_server.create_key(), kms_server.create_key()
+    with KmsKeys(kms_server.settings(application_cmk_id=old)) as under_old:
+        blob = under_old.wrap_dek("user-a", CANARY_DEK)
+    with KmsKeys(kms_server.settings(application_cmk_id=new, accepted_cmk_ids=(old,))) as keys:
+        def refuse_old(params: dict[str, Any], **_: Any) -> None:
+            if json.loads(params["body"])["KeyId"] == old:
+                raise botocore.exceptions.ClientError(
+                    {"Error": {"Code": "DisabledException", "Message": "disabled"}}, "Decrypt")
+
+        keys.client.meta.events.register("before-call.kms.Decrypt", refuse_old)
+        with pytest.raises(KeyUnavailable, match="DisabledException"):
+            keys.unwrap_dek("user-a", blob)
+        assert keys.metrics()["errors"] == {"KeyUnavailable": 1}
+
+
 @pytest.mark.parametrize("blob", [b"", b"not a kms blob", b"\x00" * 200])
 def test_corrupt_blob_does_not_unwrap(keys: KmsKeys, blob: bytes) -> None:
     with pytest.raises(CannotUnwrap):
