@@ -557,22 +557,44 @@ async def _load(base_url: str, token: str, chat_ids: list[str], clients: int, se
         return done, errors, loop.time() - began
 
 
+def py_spy(server: Server, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """``py-spy record`` of the server's process for one window (collapsed stacks in ``out``), if installed."""
+    binary = Path(sys.executable).parent / "py-spy"
+    if not binary.exists() or server.process is None:
+        say("--profile: no py-spy in this venv (pip install py-spy): not profiling")
+        return None
+    return subprocess.Popen([str(binary), "record", "--pid", str(server.process.pid), "--duration",
+                             str(max(1, int(seconds))), "--rate", "200", "--format", "raw", "--nonblocking",
+                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def throughput(servers: dict[str, Server], user: data.User, probes: dict[str, CpuProbe] | None, mode: Mode,
-               seed: int, deadline: Deadline) -> Throughput:
+               seed: int, deadline: Deadline, profile: Path | None = None) -> Throughput:
     """GET chat with ``mode.clients`` concurrent clients, one server at a time: plain, owui-crypto, owui-crypto,
-    plain (a short warm-up window first), each window ``mode.tput_seconds``; the same chats in the same order."""
+    plain (a short warm-up window first), each window ``mode.tput_seconds``; the same chats in the same order.
+    With ``profile``, each window is also recorded by py-spy into that directory."""
     result = Throughput(mode.clients)
     rng = random.Random(seed + 99)
     order = [rng.randrange(len(user.chats)) for _ in range(20000)]
     ids = {name: [user.chats[k].ids[name] for k in order] for name in (PLAIN, ENC)}
     for name in (PLAIN, ENC):  # warm-up
         asyncio.run(_load(servers[name].base_url, user.tokens[name], ids[name], mode.clients, 2))
-    for name in (PLAIN, ENC, ENC, PLAIN):
+    for window, name in enumerate((PLAIN, ENC, ENC, PLAIN)):
         deadline.check("throughput")
         servers[name].alive()
         before = probes[name].snapshot() if probes else None
+        spy = None
+        if profile is not None:
+            profile.mkdir(parents=True, exist_ok=True)
+            spy = py_spy(servers[name], mode.tput_seconds, profile / f"py-spy-{window}-{name}.txt")
         done, errors, elapsed = asyncio.run(_load(servers[name].base_url, user.tokens[name], ids[name],
                                                   mode.clients, mode.tput_seconds))
+        if spy is not None:
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
         if probes and before is not None:
             pg, app = CpuProbe.delta(before, probes[name].snapshot())
             result.pg_cpu[name] += pg
@@ -680,7 +702,7 @@ def run(args: argparse.Namespace, mode: Mode, outcome: Outcome, removed: list[st
             for spec in specs:
                 if spec.cell.request == "update" and outcome.tput is None:  # reads done: throughput before writes
                     outcome.tput = throughput(servers, by_key[f"u{outcome.largest}"], probes, mode, args.seed,
-                                              deadline)
+                                              deadline, args.profile)
                 measure(spec, servers, probes, mode, deadline)
                 outcome.cells.append(spec.cell)
         except OutOfTime as exc:
@@ -746,6 +768,8 @@ def main() -> int:
     parser.add_argument("--max-minutes", type=float, default=0,
                         help="time limit of the whole run (default: 60, --quick 25); what is measured by then is "
                              "reported")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="record each throughput window with py-spy (in this venv) into DIR, as collapsed stacks")
     args = parser.parse_args()
     mode = QUICK if args.quick else FULL
     install_signal_handlers()

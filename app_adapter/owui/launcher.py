@@ -223,11 +223,13 @@ def install(keys: Any) -> Any:
 
     adapter = Adapter(keys)
     upsert = statements.UpsertRetarget(chat_messages.ChatMessage.__table__)
+    search = statements.SearchRewrite()
     for engine in (db.async_engine, db.engine):
         sync_engine = getattr(engine, "sync_engine", engine)
         sync_engine.hide_parameters = True  # errors and logs never show chat text bound as parameters
         adapter.install(engine)
         upsert.install(engine)
+        search.install(engine)
         responses.watch_engine(engine)
 
     users_lifecycle = lifecycle.UserLifecycle(keys)
@@ -261,7 +263,7 @@ def install(keys: Any) -> Any:
     realtime.get_verified_user_by_token = binding.binding_user_resolver(adapter, realtime.get_verified_user_by_token)
 
     responses.install_exception_handlers(app)
-    app.state.owui_crypto = {"adapter": adapter, "lifecycle": users_lifecycle, "upsert": upsert}
+    app.state.owui_crypto = {"adapter": adapter, "lifecycle": users_lifecycle, "upsert": upsert, "search": search}
     say(f"hooked: engines 2, dependencies 2 (in {dependencies} places), socket.io handlers {len(sockets)}, "
-        "user creation and deletion, automations, timers, realtime calls, chat_message upsert")
+        "user creation and deletion, automations, timers, realtime calls, chat_message upsert, chat search")
     return responses.RefusalResponses(app)
