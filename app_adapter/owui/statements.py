@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import event
@@ -143,61 +144,39 @@ class SearchRewrite(_Listener):
         return self.rewrite(statement), parameters
 
 
-def _closing_paren(text: str, start: int) -> int | None:
-    """Index of the parenthesis closing the one at ``start`` (string literals skipped), or None."""
-    depth, i, quoted = 0, start, False
-    while i < len(text):
+def _depths(text: str, start: int = 0) -> Iterator[tuple[int, int]]:
+    """(index, parenthesis depth after it) of each character from ``start`` outside string literals (every
+    quote flips in and out of a literal, so SQL's doubled quote needs nothing of its own)."""
+    depth, quoted = 0, False
+    for i in range(start, len(text)):
         char = text[i]
-        if quoted:
-            if char == "'":
-                quoted = False
-        elif char == "'":
-            quoted = True
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
+        if char == "'":
+            quoted = not quoted
+        elif not quoted:
+            depth += (char == "(") - (char == ")")
+            yield i, depth
+
+
+def _closing_paren(text: str, start: int) -> int | None:
+    """Index of the parenthesis closing the one at ``start``, or None."""
+    return next((i for i, depth in _depths(text, start) if depth == 0 and text[i] == ")"), None)
 
 
 def _conjuncts(where: str) -> list[str] | None:
-    """The top-level ``AND`` terms of a WHERE clause (string literals skipped), or None if unbalanced."""
-    terms, depth, quoted, begin, i = [], 0, False, 0, 0
-    while i < len(where):
-        char = where[i]
-        if quoted:
-            quoted = char != "'"
-        elif char == "'":
-            quoted = True
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-        elif depth == 0 and where.startswith(" AND ", i):
+    """The top-level ``AND`` terms of a WHERE clause, or None if its parentheses or quotes do not balance."""
+    if _depth(where) != 0 or where.count("'") % 2:
+        return None
+    terms, begin = [], 0
+    for i, depth in _depths(where):
+        if i >= begin and depth == 0 and where.startswith(" AND ", i):
             terms.append(where[begin:i])
-            begin = i = i + 5
-            continue
-        i += 1
-    terms.append(where[begin:])
-    return terms if depth == 0 and not quoted else None
+            begin = i + 5
+    return [*terms, where[begin:]]
 
 
 def _depth(text: str) -> int:
-    """Parenthesis depth at the end of ``text`` (string literals skipped)."""
-    depth, quoted = 0, False
-    for char in text:
-        if quoted:
-            quoted = char != "'"
-        elif char == "'":
-            quoted = True
-        elif char == "(":
-            depth += 1
-        elif char == ")":
-            depth -= 1
-    return depth
+    """Parenthesis depth at the end of ``text``."""
+    return next(reversed([depth for _, depth in _depths(text)]), 0)
 
 
 def _drop_constant_case(statement: str) -> str:
