@@ -72,6 +72,8 @@ __all__ = [
     "iam_auth_requested",
     "reset",
     "resolve",
+    "forget_other_role",
+    "settle_other_role",
 ]
 
 IAM_AUTH_ENV = "OWUI_CRYPTO_DB_IAM_AUTH"
@@ -368,19 +370,20 @@ def _ca_bundle(value: str) -> str:
     return str(path.resolve())
 
 
-def _tls(query: dict[str, str], host: str | None, access: DatabaseAccess, sends_password: bool) -> dict[str, str]:
+def _tls(query: dict[str, str], host: str | None, access: DatabaseAccess, sends_password: bool,
+         name: str = "DATABASE_URL") -> dict[str, str]:
     sslmode = query.get("sslmode")
     if access.ca_bundle:
         bundle = _ca_bundle(access.ca_bundle)
         # A weaker sslmode (require, as the template's DATABASE_URL has it) is raised to what the bundle is for;
         # only "no TLS at all" contradicts it.
         if sslmode == "disable":
-            raise ConfigError(f"DATABASE_URL says sslmode=disable but {CA_BUNDLE_ENV} asks for verify-full: "
-                              "drop sslmode from DATABASE_URL")
+            raise ConfigError(f"{name} says sslmode=disable but {CA_BUNDLE_ENV} asks for verify-full: "
+                              f"drop sslmode from {name}")
         root = query.get("sslrootcert")
         if root is not None and str(Path(root).resolve()) != bundle:
-            raise ConfigError(f"DATABASE_URL says sslrootcert={root} but {CA_BUNDLE_ENV}={access.ca_bundle}: "
-                              "drop sslrootcert from DATABASE_URL")
+            raise ConfigError(f"{name} says sslrootcert={root} but {CA_BUNDLE_ENV}={access.ca_bundle}: "
+                              f"drop sslrootcert from {name}")
         return {**query, "sslmode": "verify-full", "sslrootcert": bundle}
     if sends_password:
         if sslmode is None:
@@ -388,7 +391,7 @@ def _tls(query: dict[str, str], host: str | None, access: DatabaseAccess, sends_
             # TLS handshake is refused, which anyone on the path can arrange to read the password.
             return {**query, "sslmode": "require"}
         if sslmode in _WEAK_SSLMODES and not (host and _is_loopback(host)):
-            raise ConfigError(f"DATABASE_URL says sslmode={sslmode}: the database password would cross the network "
+            raise ConfigError(f"{name} says sslmode={sslmode}: the database password would cross the network "
                               f"in clear, or could be made to. Use sslmode=verify-full with {CA_BUNDLE_ENV} "
                               "(or at least sslmode=require)")
     return query
@@ -470,6 +473,8 @@ _LOCK = threading.RLock()
 _state: _State | None = None
 _secrets: dict[str, RdsSecret] = {}
 _original_connect: Any = None
+#: URLs :func:`settle_other_role` returned: another role's (the owner's), which :func:`resolve` hands back as they are.
+_other_roles: set[str] = set()
 
 
 def resolve(url: str | None, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -477,7 +482,7 @@ def resolve(url: str | None, environ: Mapping[str, str] = os.environ) -> str | N
     password-free URL (``url``'s scheme) built from the secret and ``url``, with TLS settled, and the connect
     hooks installed. Safe to call again (the secret is read once per process)."""
     access = DatabaseAccess.from_env(environ)
-    if not access.active:
+    if not access.active or (url is not None and url in _other_roles):
         return url
     global _state
     with _LOCK:
@@ -520,6 +525,38 @@ def resolve(url: str | None, environ: Mapping[str, str] = os.environ) -> str | N
         _state = _State(access, target, credentials)
         _install()
         return target.url
+
+
+def settle_other_role(url: str, name: str, environ: Mapping[str, str] = os.environ) -> str:
+    """``url`` of a role other than ``DATABASE_URL``'s (the owner's, which ``owui-crypto serve`` migrates with):
+    TLS settled as for ``DATABASE_URL`` (``OWUI_CRYPTO_DB_CA_BUNDLE`` applies, a password it carries may not cross
+    the network in clear), and its own credentials: the secret's password and IAM tokens are ``DATABASE_URL``'s
+    user's, and the connect hooks never touch a connection as another user. :func:`resolve` hands it back
+    unchanged, so a command given it (``migrate.upgrade``) connects as that role."""
+    access = DatabaseAccess.from_env(environ)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(f"{name} is not a URL (postgresql+psycopg://USER:PASSWORD@HOST:5432/DBNAME)") from None
+    query: dict[str, str] = {}
+    for key, value in parsed.query.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} names {key} more than once")
+        query[key] = value
+    # As for DATABASE_URL, a password to a remote host goes over TLS; on this machine libpq's default stands.
+    remote = not (parsed.host is None or _is_loopback(parsed.host))
+    query = _tls(query, parsed.host, access, parsed.password is not None and remote, name)
+    settled = _render(parsed.drivername, parsed.username, parsed.host, parsed.port, parsed.database, query,
+                      parsed.password)
+    with _LOCK:
+        _other_roles.add(settled)
+    return settled
+
+
+def forget_other_role(url: str) -> None:
+    """Drop ``url`` from what :func:`settle_other_role` remembers: serve is done with the owner's URL."""
+    with _LOCK:
+        _other_roles.discard(url)
 
 
 def _iam_tokens(endpoint: Endpoint, environ: Mapping[str, str]) -> IamTokens:
@@ -581,6 +618,7 @@ def reset() -> None:
             _original_connect = None
         _state = None
         _secrets.clear()
+        _other_roles.clear()
 
 
 def _password_for(params: Mapping[str, Any]) -> str | None:

@@ -11,10 +11,13 @@ import psycopg
 from psycopg import sql
 
 from app_adapter import errors, migrate
+from app_adapter.config import OWNER_URL_ENV
 from app_adapter.sqlrows import scalar
 
 EPILOG = """environment:
   DATABASE_URL             Open WebUI's PostgreSQL database (postgresql+psycopg://...)
+  OWUI_CRYPTO_OWNER_DATABASE_URL
+                           serve: the owner's URL; migrates with it, serves as DATABASE_URL's role
   AWS_REGION, KMS_HMAC_KEY_ID, KMS_APPLICATION_CMK_ID, ...
                            KMS settings for user-id, check-keys, provision (see README)
 """
@@ -59,27 +62,40 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems += [f"{t}.{c} ({type_sql}) is neither sealed nor plaintext by decision: a new Open WebUI column? "
                      "Decide in the policy (sql/90_coverage.sql); owui-crypto serve refuses to start until then"
                      for t, c, type_sql in conn.execute("SELECT * FROM owui_crypto.unclassified_columns()")]
+        owns = scalar(conn, "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_proc f WHERE f.pronamespace = "
+                            "'owui_crypto'::regnamespace AND pg_catalog.pg_has_role(f.proowner, 'MEMBER'))")
     for line in problems:
         print(f"problem: {line}")
+    if owns and not os.environ.get(OWNER_URL_ENV, "").strip():
+        # Not a problem of the database (the exit code stays): how owui-crypto serve would use this role.
+        print(f"warning: {OWNER_URL_ENV} is not set, so owui-crypto serve would run Open WebUI as this role, which "
+              "owns owui-crypto's functions (SECURITY.md, 'One role for everything'); give Open WebUI a role of "
+              f"its own in DATABASE_URL and this one in {OWNER_URL_ENV}")
     print("owui-crypto: healthy" if not problems else f"owui-crypto: {len(problems)} problem(s)")
     return 1 if problems else 0
 
 
-def cmd_grant(args: argparse.Namespace) -> int:
+def grant_application_role(conn: psycopg.Connection, role: str) -> str:
     """Let ROLE use the views, and take TEMP away from it (and from PUBLIC, which every role inherits):
-    with no temporary objects, nothing a session leaves behind can shadow what a later user resolves."""
+    with no temporary objects, nothing a session leaves behind can shadow what a later user resolves.
+    Runs as owui-crypto's owner on ``conn`` (its own transaction); returns the database's name.
+    ``owui-crypto grant`` and ``owui-crypto serve`` with two roles share it."""
+    conn.execute("INSERT INTO owui_crypto.grantee VALUES (%s) ON CONFLICT DO NOTHING", (role,))
+    conn.execute("SELECT owui_crypto.refresh()")
+    database = scalar(conn, "SELECT current_database()")
+    # The owner keeps TEMP: activate() keeps each session's transport entries in a temporary table.
+    conn.execute(sql.SQL("GRANT TEMPORARY ON DATABASE {db} TO CURRENT_USER").format(db=sql.Identifier(database)))
+    conn.execute(sql.SQL("REVOKE TEMPORARY ON DATABASE {db} FROM PUBLIC, {role}").format(
+        db=sql.Identifier(database), role=sql.Identifier(role)))
+    # Nor code planted where every keyed transaction looks (PostgreSQL 14 and older let PUBLIC
+    # create in public). A role that owns public itself is reported by check.
+    conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}").format(role=sql.Identifier(role)))
+    return str(database)
+
+
+def cmd_grant(args: argparse.Namespace) -> int:
     with psycopg.connect(_libpq(args.database_url)) as conn:
-        conn.execute("INSERT INTO owui_crypto.grantee VALUES (%s) ON CONFLICT DO NOTHING", (args.role,))
-        conn.execute("SELECT owui_crypto.refresh()")
-        database = scalar(conn, "SELECT current_database()")
-        # The owner keeps TEMP: activate() keeps each session's transport entries in a temporary table.
-        conn.execute(sql.SQL("GRANT TEMPORARY ON DATABASE {db} TO CURRENT_USER").format(db=sql.Identifier(database)))
-        conn.execute(sql.SQL("REVOKE TEMPORARY ON DATABASE {db} FROM PUBLIC, {role}").format(
-            db=sql.Identifier(database), role=sql.Identifier(args.role)))
-        # Nor code planted where every keyed transaction looks (PostgreSQL 14 and older let PUBLIC
-        # create in public). A role that owns public itself is reported by check.
-        conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM PUBLIC, {role}").format(
-            role=sql.Identifier(args.role)))
+        database = grant_application_role(conn, args.role)
     print(f"owui-crypto: {args.role} may now use the decrypting views (and nothing more); "
           f"TEMP on database {database} and CREATE on schema public are revoked from {args.role} and from PUBLIC")
     return 0

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 
 from app_adapter.errors import ConfigError
 
-__all__ = ["ACCEPTED_CMKS_ENV", "ENV_VARS", "MAC_ALGORITHMS", "Settings", "accepted_cmk_ids", "settings_table_markdown"]
+__all__ = ["ACCEPTED_CMKS_ENV", "ENV_VARS", "MAC_ALGORITHMS", "OWNER_URL_ENV", "Settings", "accepted_cmk_ids",
+           "settings_table_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,15 @@ ENV_VARS: tuple[tuple[str, str | None, str], ...] = (
         "With `OWUI_CRYPTO_ERASURE=grants`, required: the ARN of the role that runs owui-crypto (the ECS task "
         "role, `arn:aws:iam::ACCOUNT:role/NAME`); it receives each user's grant and retires it.",
     ),
+    (
+        "OWUI_CRYPTO_OWNER_DATABASE_URL",
+        "",
+        "Off by default (one role). The URL of the role that owns owui-crypto's objects and Open WebUI's tables "
+        "(`postgresql+psycopg://OWNER:PASSWORD@HOST:5432/DBNAME`, or its password in `~/.pgpass`). Set: "
+        "`owui-crypto serve` migrates, checks and grants with it at start, then serves Open WebUI as "
+        "`DATABASE_URL`'s role, which it refuses if that role could act as the owner (README, \"Two roles\"). "
+        "Taken out of the environment before Open WebUI is imported.",
+    ),
     # Database access (app_adapter.aurora; README, "Connecting to Aurora").
     (
         "OWUI_CRYPTO_DB_SECRET_ARN",
@@ -150,6 +160,9 @@ ENV_VARS: tuple[tuple[str, str | None, str], ...] = (
         "as `sslrootcert`; a missing file refuses to start.",
     ),
 )
+
+#: The owner's URL for ``owui-crypto serve`` with two roles (app_adapter.owui.launcher); doctor and check read it.
+OWNER_URL_ENV = "OWUI_CRYPTO_OWNER_DATABASE_URL"
 
 #: Removed: storing the user key next to the DEK it wraps gave the DEK to
 #: anyone who reads the table. Set to a true value, it now refuses to start.

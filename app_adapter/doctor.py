@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 
 from app_adapter import serverchecks, userkeys
-from app_adapter.config import Settings
+from app_adapter.config import OWNER_URL_ENV, Settings
 from app_adapter.errors import OwuiCryptoError
 from app_adapter.kms import KmsKeys
 
@@ -131,6 +131,7 @@ def diagnose(dsn: str, *, settings: Settings | None = None, environ: Mapping[str
         if probe.conn is not None:
             for check in _DATABASE_CHECKS:
                 report.findings += _guarded(check, probe)
+            report.findings.append(serve_roles(probe.role, probe.owner or probe.superuser, environ))
     finally:
         if probe.conn is not None:
             probe.conn.close()
@@ -265,6 +266,24 @@ def _role_owner(p: _Probe) -> list[Finding]:
                         "if this is only the migrating role, this item is expected")]
     return [Finding("role.owner", Status.PASS,
                     f"{p.role} does not own owui-crypto's functions: it acts only through owui-crypto grant")]
+
+
+def serve_roles(role: str, owns: bool, environ: Mapping[str, str]) -> Finding:
+    """How owui-crypto serve would connect Open WebUI with this environment: with the owner's URL apart (two roles),
+    or as DATABASE_URL's role for everything (the single-role residual)."""
+    if (environ.get(OWNER_URL_ENV) or "").strip():
+        return Finding("serve.roles", Status.PASS, f"two roles: owui-crypto serve migrates as {OWNER_URL_ENV}'s "
+                       f"role and serves Open WebUI as {role}, which it refuses if {role} could act as the owner")
+    if owns:
+        return Finding("serve.roles", Status.WARN,
+                       f"one role: {OWNER_URL_ENV} is not set, so owui-crypto serve runs Open WebUI as {role}, which "
+                       "owns owui-crypto's functions: SQL injected into Open WebUI could replace them (SECURITY.md, "
+                       "'One role for everything')",
+                       f"set {OWNER_URL_ENV} to this role's URL and DATABASE_URL to a login role of its own "
+                       "(README, Two roles)")
+    return Finding("serve.roles", Status.WARN,
+                   f"{OWNER_URL_ENV} is not set and {role} does not own owui-crypto's functions: owui-crypto serve "
+                   "could not migrate as it", f"set {OWNER_URL_ENV} to the owner's URL (README, Two roles)")
 
 
 def _role_temp(p: _Probe) -> list[Finding]:

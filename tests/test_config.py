@@ -207,3 +207,11 @@ def test_a_malformed_accepted_cmk_names_the_variable(value: str, message: str) -
     with pytest.raises(ConfigError, match="OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS") as info:
         Settings.from_env(env(OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS=value))
     assert message in str(info.value)
+
+
+def test_the_owners_url_is_listed_and_is_no_kms_setting() -> None:
+    """OWUI_CRYPTO_OWNER_DATABASE_URL is read by owui-crypto serve (app_adapter.owui.launcher), not by Settings."""
+    from app_adapter.config import OWNER_URL_ENV
+
+    assert OWNER_URL_ENV in {name for name, _, _ in ENV_VARS}
+    assert Settings.from_env(env(**{OWNER_URL_ENV: "postgresql://owner:pw@db/owui"})) == Settings.from_env(BASE)

@@ -12,6 +12,10 @@ change:
    (``alembic upgrade head`` + view refresh), and refuse to start on any drift
    between views and tables;
 3. give keys to users who have none, forget keys of users who are gone;
+   with two roles (:data:`OWNER_URL_ENV`), steps 2 and 3 run as the owner,
+   which then grants the application role (DATABASE_URL's user) exactly what
+   Open WebUI needs, after refusing a role that could act as the owner; the
+   owner's connection is not used again;
 4. import Open WebUI -- with ``ENABLE_DB_MIGRATIONS=false``, its migrations
    are done -- check the shape of everything about to be wrapped, then
    install every hook (nothing is installed if a check fails);
@@ -23,13 +27,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
-from app_adapter import aurora, migrate
+from app_adapter import aurora, cli, config, migrate
 from app_adapter.errors import ConfigError
 from app_adapter.owui import compat, migrating
 
@@ -45,33 +51,71 @@ def say(message: str) -> None:
     print(f"owui-crypto: {message}", file=sys.stderr, flush=True)
 
 
+#: The owner's connection (README, "Two roles"): Open WebUI's and owui-crypto's migrations, the checks and the
+#: grants run with it at start; Open WebUI itself then connects as DATABASE_URL's role, never as this one.
+OWNER_URL_ENV = config.OWNER_URL_ENV
+
+ONE_ROLE_WARNING = (
+    f"warning: one database role for everything ({OWNER_URL_ENV} is not set): Open WebUI connects as the role "
+    "that migrates and owns owui-crypto's functions and the schema public, so SQL injected into Open WebUI runs "
+    "as that owner and could replace owui-crypto's functions or plant code in public, then read the keys of the "
+    "users whose transactions follow (SECURITY.md, 'One role for everything'). Set "
+    f"{OWNER_URL_ENV} to the owner's URL and DATABASE_URL to a login role of its own: serve then migrates as "
+    "the owner, grants that role what Open WebUI needs, and serves as it")
+
+
 @dataclass(frozen=True)
 class Plan:
-    database_url: str  # postgresql+psycopg://
+    database_url: str  # postgresql+psycopg://, Open WebUI's: the application role's
     owui_version: str
     run_owui_migrations: bool
+    #: OWUI_CRYPTO_OWNER_DATABASE_URL (postgresql+psycopg://), None with one role. It may carry the owner's
+    #: password: out of the environment from plan() on, never shown, used only before Open WebUI is imported.
+    owner_url: str | None = field(default=None, repr=False)
+
+    @property
+    def migrating_url(self) -> str:
+        """The URL migrations, checks and grants run with."""
+        return self.owner_url or self.database_url
 
 
-def normalise_database_url(url: str | None) -> str:
+def normalise_database_url(url: str | None, name: str = "DATABASE_URL") -> str:
     """The SQLAlchemy URL Open WebUI must use, or :class:`ServeRefused` saying what to change."""
     if not url:
         raise ServeRefused("DATABASE_URL is not set, so Open WebUI would use SQLite. Set DATABASE_URL="
                            "postgresql+psycopg://USER:PASSWORD@HOST:5432/DBNAME")
     scheme = url.split(":", 1)[0].lower()
     if scheme.startswith("sqlite"):
-        raise ServeRefused(f"DATABASE_URL is {scheme}:...: owui-crypto encrypts inside PostgreSQL and cannot protect "
-                           "SQLite. Move Open WebUI to PostgreSQL and set DATABASE_URL=postgresql+psycopg://...")
+        raise ServeRefused(f"{name} is {scheme}:...: owui-crypto encrypts inside PostgreSQL and cannot protect "
+                           f"SQLite. Move Open WebUI to PostgreSQL and set {name}=postgresql+psycopg://...")
     if "psycopg2" in scheme or scheme in ("postgresql+pg8000", "postgresql+asyncpg"):
-        raise ServeRefused(f"DATABASE_URL uses {scheme}: that driver inlines parameters into SQL text, where keys and "
+        raise ServeRefused(f"{name} uses {scheme}: that driver inlines parameters into SQL text, where keys and "
                            "chat text reach the server's logs. Use postgresql+psycopg:// (psycopg 3)")
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix):]
-    raise ServeRefused(f"DATABASE_URL is {scheme}:...: owui-crypto needs PostgreSQL (postgresql+psycopg://...)")
+    raise ServeRefused(f"{name} is {scheme}:...: owui-crypto needs PostgreSQL (postgresql+psycopg://...)")
+
+
+def owner_database_url(environ: MutableMapping[str, str]) -> str | None:
+    """:data:`OWNER_URL_ENV`, taken OUT of ``environ`` (Open WebUI, imported later, must not find the owner's
+    password in its environment), checked as DATABASE_URL is, with TLS settled (:func:`aurora.settle_other_role`).
+    None when unset: one role, as before."""
+    raw = environ.pop(OWNER_URL_ENV, None)
+    if raw is None or not raw.strip():
+        return None
+    if environ.get("PGPASSWORD"):
+        raise ServeRefused(f"PGPASSWORD is set beside {OWNER_URL_ENV}: libpq would hand it to both roles' "
+                           "connections, and it would stay in Open WebUI's environment. Unset it; give the owner's "
+                           f"password in {OWNER_URL_ENV} (or ~/.pgpass) and the application role's in DATABASE_URL, "
+                           f"{aurora.DB_SECRET_ENV} or IAM authentication")
+    url = normalise_database_url(raw.strip(), OWNER_URL_ENV)
+    return normalise_database_url(aurora.settle_other_role(url, OWNER_URL_ENV, environ), OWNER_URL_ENV)
 
 
 def plan(environ: MutableMapping[str, str]) -> Plan:
     """Check the environment and prepare it for Open WebUI; nothing is imported or connected yet."""
+    owner_url = owner_database_url(environ)  # first: out of the environment whatever else is refused
     version = compat.check_version()
     if all(environ.get(name) for name in _URL_PARTS):
         raise ServeRefused("DATABASE_TYPE/DATABASE_USER/DATABASE_HOST/DATABASE_PORT/DATABASE_NAME are all set, and "
@@ -96,7 +140,7 @@ def plan(environ: MutableMapping[str, str]) -> Plan:
     environ["ENABLE_DB_MIGRATIONS"] = "false"  # ours run them first, below; Open WebUI must not at import
     if compat.installed_from_wheel():
         environ.setdefault("FROM_INIT_PY", "true")  # as `open-webui serve` does for a pip install
-    return Plan(url, version, run_owui)
+    return Plan(url, version, run_owui, owner_url)
 
 
 def owui_alembic_config() -> Any:
@@ -142,6 +186,8 @@ def serve(host: str, port: int) -> int:
     say(f"open-webui {steps.owui_version} (supported: {compat.SUPPORTED})")
     if (database := aurora.describe()) is not None:
         say(database)
+    if steps.owner_url is None:
+        say(ONE_ROLE_WARNING)
 
     from app_adapter.config import Settings
     from app_adapter.keys import KeyService
@@ -155,34 +201,12 @@ def serve(host: str, port: int) -> int:
         say(f"Prometheus metrics on {exporter.url}")
     say(f"KMS keys: {keys.kms.check_keys()}")
 
-    if steps.run_owui_migrations:
-        say("running Open WebUI's migrations")
-        step = time.monotonic()
-        # Other instances keep serving meanwhile: each view Open WebUI's DDL touches is rebuilt inside its
-        # transaction, never dropped where they could see it (app_adapter/owui/migrating.py).
-        with migrating.views_kept(steps.database_url) as kept:
-            run_owui_migrations()
-        rebuilt = sorted(kept.rebuilt) if kept is not None else []
-        say(f"Open WebUI's migrations done in {time.monotonic() - step:.1f} s"
-            + (f"; rebuilt the decrypting views of {', '.join(rebuilt)} in their transaction" if rebuilt else ""))
-    else:
-        say("ENABLE_DB_MIGRATIONS=false: not running Open WebUI's migrations")
-    say("running owui-crypto's migrations")
-    step = time.monotonic()
-    migrate.upgrade(steps.database_url)
-    check_drift(steps.database_url)
-    say(f"owui-crypto's migrations done in {time.monotonic() - step:.1f} s")
-    keys.share_key()
-
-    from app_adapter.owui.lifecycle import reconcile
-
-    done = reconcile(keys)
-    if done.provisioned or done.forgotten:
-        say(f"gave keys to {len(done.provisioned)} user(s) without one; forgot keys of {len(done.forgotten)} "
-            "deleted user(s)")
-    if done.weak_copies_removed:
-        say(f"removed key copies the database could open (wrapped under the user id by earlier releases) of "
-            f"{len(done.weak_copies_removed)} user(s); their KMS copies hold the same keys")
+    try:
+        prepare_database(steps, keys)
+    finally:  # done with the owner's URL: nothing of this process keeps it once Open WebUI is imported
+        if steps.owner_url is not None:
+            aurora.forget_other_role(steps.owner_url)
+        steps = Plan(steps.database_url, steps.owui_version, steps.run_owui_migrations)
 
     imported = time.monotonic()
     import open_webui.main  # noqa: F401 - Open WebUI builds its app at import
@@ -202,6 +226,186 @@ def serve(host: str, port: int) -> int:
     uvicorn.run(app, host=host, port=port, forwarded_allow_ips=os.environ.get("FORWARDED_ALLOW_IPS", "*"),
                 ws_per_message_deflate=UVICORN_WS_PER_MESSAGE_DEFLATE)
     return 0
+
+
+def prepare_database(steps: Plan, keys: Any) -> None:
+    """Migrations, checks, keys and (two roles) the application role's grants: everything that needs the owner.
+
+    With two roles the application role is looked at first, so that a role that could act as the owner is refused
+    before anything changes, and once more after the grants, right before Open WebUI is imported."""
+    owner = steps.migrating_url
+    app_role = checked_application_role(steps.database_url, steps.owner_url) if steps.owner_url else None
+    if app_role is not None:
+        say(f"two roles: migrating as the owner ({OWNER_URL_ENV}), serving Open WebUI as {app_role} (DATABASE_URL)")
+    if steps.run_owui_migrations:
+        say("running Open WebUI's migrations")
+        step = time.monotonic()
+        # Other instances keep serving meanwhile: each view Open WebUI's DDL touches is rebuilt inside its
+        # transaction, never dropped where they could see it (app_adapter/owui/migrating.py).
+        with migrating.views_kept(owner) as kept, owui_migrations_as(steps.owner_url):
+            run_owui_migrations()
+        rebuilt = sorted(kept.rebuilt) if kept is not None else []
+        say(f"Open WebUI's migrations done in {time.monotonic() - step:.1f} s"
+            + (f"; rebuilt the decrypting views of {', '.join(rebuilt)} in their transaction" if rebuilt else ""))
+    else:
+        say("ENABLE_DB_MIGRATIONS=false: not running Open WebUI's migrations")
+    say("running owui-crypto's migrations")
+    step = time.monotonic()
+    migrate.upgrade(owner)
+    check_drift(owner)
+    say(f"owui-crypto's migrations done in {time.monotonic() - step:.1f} s")
+
+    from app_adapter.keys import KeyService
+    from app_adapter.owui.lifecycle import reconcile
+
+    # The share key is registered, and reconcile reads the key ring, as the owner: before the application role is
+    # granted anything, nothing of it can register the deployment's share key first.
+    owning = keys if app_role is None else KeyService(keys.settings, owner, kms=keys.kms, cache=keys.cache)
+    owning.share_key()
+    done = reconcile(owning)
+    if done.provisioned or done.forgotten:
+        say(f"gave keys to {len(done.provisioned)} user(s) without one; forgot keys of {len(done.forgotten)} "
+            "deleted user(s)")
+    if done.weak_copies_removed:
+        say(f"removed key copies the database could open (wrapped under the user id by earlier releases) of "
+            f"{len(done.weak_copies_removed)} user(s); their KMS copies hold the same keys")
+    if app_role is not None:
+        assert steps.owner_url is not None
+        tables = grant_application_role(owner, app_role)
+        checked_application_role(steps.database_url, steps.owner_url)
+        say(f"granted {app_role} the decrypting views, owui-crypto's runtime functions and Open WebUI's {tables} "
+            "other tables (no TEMP, no CREATE in public)")
+        keys.share_key()  # as the application role, as every later use
+
+
+# -- two roles --------------------------------------------------------------------------------------------
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@contextmanager
+def owui_migrations_as(owner_url: str | None) -> Iterator[None]:
+    """Open WebUI's migrations connect with ``open_webui.env.DATABASE_URL`` (read by its ``migrations/env.py`` at
+    each run): the owner's URL for their duration, DATABASE_URL's again afterwards. Its runtime engines are made
+    first (``open_webui.internal.db``, at import), from DATABASE_URL, so they never see the owner's."""
+    if owner_url is None:
+        yield
+        return
+    import open_webui.env as owui_env
+    import open_webui.internal.db  # noqa: F401 - its engines, from DATABASE_URL, before the swap
+
+    served = owui_env.DATABASE_URL
+    owui_env.DATABASE_URL = owner_url
+    try:
+        yield
+    finally:
+        owui_env.DATABASE_URL = served
+
+
+#: What DATABASE_URL's role may be and own, asked as that role. Membership (not just inheritance): a role that may
+#: SET ROLE to an owner can do what the owner does.
+_APP_ROLE = """
+SELECT current_user::text, r.rolsuper, current_database()::text, d.oid::bigint, pg_catalog.pg_postmaster_start_time(),
+       pg_catalog.pg_has_role(d.datdba, 'MEMBER'),
+       (SELECT pg_catalog.pg_has_role(n.nspowner, 'MEMBER') FROM pg_catalog.pg_namespace n WHERE n.nspname = 'public'),
+       ARRAY(SELECT n.nspname::text FROM pg_catalog.pg_namespace n
+              WHERE n.nspname IN ('owui_crypto', 'owui_crypto_view') AND pg_catalog.pg_has_role(n.nspowner, 'MEMBER')
+              ORDER BY 1),
+       ARRAY(SELECT DISTINCT n.nspname::text FROM pg_catalog.pg_proc f
+               JOIN pg_catalog.pg_namespace n ON n.oid = f.pronamespace
+              WHERE n.nspname IN ('owui_crypto', 'owui_crypto_view', 'public')
+                AND pg_catalog.pg_has_role(f.proowner, 'MEMBER') ORDER BY 1),
+       ARRAY(SELECT c.oid::regclass::text FROM pg_catalog.pg_class c
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname IN ('owui_crypto', 'owui_crypto_view', 'public')
+                AND c.relkind IN ('r', 'p', 'v', 'S', 'm')
+                AND pg_catalog.pg_has_role(c.relowner, 'MEMBER') ORDER BY 1 LIMIT 5)
+  FROM pg_catalog.pg_roles r, pg_catalog.pg_database d
+ WHERE r.rolname = current_user AND d.datname = current_database()
+"""
+_OWNER = ("SELECT current_user::text, current_database()::text, d.oid::bigint, pg_catalog.pg_postmaster_start_time(),"
+          " pg_catalog.pg_has_role(%s, current_user, 'MEMBER')"
+          " FROM pg_catalog.pg_database d WHERE d.datname = current_database()")
+
+
+def checked_application_role(app_url: str, owner_url: str) -> str:
+    """DATABASE_URL's role, or :class:`ServeRefused` when it could act as the owner: a superuser, a member of the
+    owner's role, or the owner of the database, of schema public, of owui-crypto's schemas or functions, or of a
+    table (a table's owner may disable its triggers). Also refused: the owner's URL naming another database."""
+    with psycopg.connect(_libpq(app_url), autocommit=True) as conn:
+        row = conn.execute(_APP_ROLE).fetchone()
+    assert row is not None, "current_user and current_database() exist"
+    role, superuser, database, oid, started, owns_db, owns_public, schemas, functions, relations = row
+    with psycopg.connect(_libpq(owner_url), autocommit=True) as conn:
+        owner_row = conn.execute(_OWNER, (role,)).fetchone()
+    assert owner_row is not None
+    owner, owner_database, owner_oid, owner_started, owner_is_member = owner_row
+    fix = (f"Give Open WebUI a login role of its own that is none of these (CREATE ROLE owui_app LOGIN PASSWORD "
+           f"'...', as the owner or an administrator) and name it in DATABASE_URL; keep {owner} for "
+           f"{OWNER_URL_ENV}. serve grants it what Open WebUI needs at every start")
+    if (database, oid, started) != (owner_database, owner_oid, owner_started):
+        raise ServeRefused(f"DATABASE_URL and {OWNER_URL_ENV} name different databases ({database} and "
+                           f"{owner_database}, or different servers): both must name Open WebUI's database")
+    if role == owner:
+        raise ServeRefused(f"DATABASE_URL and {OWNER_URL_ENV} both connect as {role}: Open WebUI would still run as "
+                           f"the owner. {fix}")
+    problems = []
+    if superuser:
+        problems.append("is a superuser")
+    if owner_is_member:
+        problems.append(f"is a member of the owner's role {owner} (it may SET ROLE {owner})")
+    if owns_db:
+        problems.append(f"owns the database {database} (it could grant itself TEMP and CREATE back)")
+    if owns_public:
+        problems.append("owns the schema public (it could create code there that runs inside other users' "
+                        "keyed transactions)")
+    if schemas:
+        problems.append(f"owns {', '.join(schemas)}")
+    if functions:
+        problems.append(f"owns functions in {', '.join(functions)} (it could replace them)")
+    if relations:
+        problems.append(f"owns tables such as {', '.join(relations)} (it could disable their triggers); hand them "
+                        f"to the owner with REASSIGN OWNED BY {role} TO {owner}, inside this database")
+    if problems:
+        raise ServeRefused(f"DATABASE_URL's role {role} " + "; ".join(problems) + ": SQL injected into Open WebUI "
+                           f"would run with the owner's powers, and could read every later user's key. {fix}")
+    return str(role)
+
+
+#: Open WebUI's tables the application role must not write directly: the version tables (migrations are the
+#: owner's). The protected tables (owui_crypto.protected_table) are reached through their views.
+_VERSION_TABLES = ("alembic_version", migrate.VERSION_TABLE)
+
+
+def grant_application_role(owner_url: str, role: str) -> int:
+    """As the owner: ``owui-crypto grant ROLE`` (views, runtime functions, TEMP and CREATE on public revoked), then
+    exactly what Open WebUI needs beyond the views: read and write its other tables in public, and INSERT (with
+    SELECT of the ``id`` column, which ``ON CONFLICT (id)`` needs) on the base table ``chat_message``, where its
+    message upsert goes (PostgreSQL refuses ``ON CONFLICT`` on a view; the base table's trigger seals and checks the
+    owner). No sequence: Open WebUI 0.12.4's ids are text; its one sequence serves ``config_old``, which it no
+    longer writes. Made exact at every start: whatever ROLE held on
+    public's tables before is revoked first. Returns how many tables it may read and write."""
+    with psycopg.connect(_libpq(owner_url)) as conn:
+        cli.grant_application_role(conn, role)
+        who = sql.Identifier(role)
+        conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(who))
+        conn.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {}").format(who))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(who))
+        tables = [r[0] for r in conn.execute(
+            """SELECT c.relname::text FROM pg_catalog.pg_class c
+                WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p')
+                  AND c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)
+                  AND c.relname <> ALL(%s)
+                  AND c.relname NOT IN (SELECT p.table_name FROM owui_crypto.protected_table p)
+                ORDER BY 1""", (list(_VERSION_TABLES),))]
+        for table in tables:
+            conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
+                sql.Identifier("public", table), who))
+        # ON CONFLICT (id) needs SELECT on its arbiter column: the message ids, no content.
+        conn.execute(sql.SQL("GRANT INSERT, SELECT (id) ON public.chat_message TO {}").format(who))
+    return len(tables)
 
 
 def install(keys: Any) -> Any:
