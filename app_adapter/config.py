@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 from app_adapter.errors import ConfigError
 
-__all__ = ["ACCEPTED_CMKS_ENV", "ENV_VARS", "MAC_ALGORITHMS", "OWNER_URL_ENV", "Settings", "accepted_cmk_ids",
-           "settings_table_markdown"]
+__all__ = ["ACCEPTED_CMKS_ENV", "ENV_VARS", "MAC_ALGORITHMS", "OWNER_URL_ENV", "TRANSACTION_POOLER_ENV", "Settings",
+           "accepted_cmk_ids", "settings_table_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ MAC_ALGORITHMS = ("HMAC_SHA_224", "HMAC_SHA_256", "HMAC_SHA_384", "HMAC_SHA_512"
 _MAX_ATTEMPTS_CEILING = 10
 
 #: (name, default or None when required, description): the README table.
+#: serve's switch for poolers in transaction mode without prepared statements (app_adapter.owui.launcher).
+TRANSACTION_POOLER_ENV = "OWUI_CRYPTO_TRANSACTION_POOLER"
+
 ENV_VARS: tuple[tuple[str, str | None, str], ...] = (
     ("AWS_REGION", None, "AWS region of the KMS keys, e.g. `us-east-1`."),
     (
@@ -158,6 +161,15 @@ ENV_VARS: tuple[tuple[str, str | None, str], ...] = (
         "",
         "Path of the RDS CA bundle (`global-bundle.pem`). Set: every connection uses `sslmode=verify-full` with it "
         "as `sslrootcert`; a missing file refuses to start.",
+    ),
+    (
+        TRANSACTION_POOLER_ENV,
+        "false",
+        "`true`: `DATABASE_URL` reaches PostgreSQL through a pooler in transaction mode that keeps no prepared "
+        "statements (PgBouncer before 1.21, or with `max_prepared_statements = 0`). `owui-crypto serve` then turns "
+        "off psycopg's server-side prepared statements on Open WebUI's engines (`prepare_threshold = None`, as "
+        "psycopg asks for such poolers); otherwise a statement prepared on one backend is executed on another: "
+        "\"prepared statement ... does not exist\" (a 500), or a serve that cannot start after a restart.",
     ),
 )
 

@@ -180,6 +180,13 @@ def check_drift(url: str, environ: Mapping[str, str] = os.environ) -> None:
                            f"reason), or start once with {ACCEPT_UNCLASSIFIED}={','.join(undecided)}")
 
 
+def _unprepared(dbapi_connection: Any, _record: Any) -> None:
+    """psycopg prepares a statement on the server after its fifth run; behind a pooler in transaction mode the
+    next run may reach another backend (``prepared statement "_pg3_0" does not exist``)."""
+    connection = getattr(dbapi_connection, "driver_connection", dbapi_connection)  # the asyncio adapter's inside
+    connection.prepare_threshold = None
+
+
 def serve(host: str, port: int) -> int:
     started = time.monotonic()
     steps = plan(os.environ)
@@ -201,6 +208,12 @@ def serve(host: str, port: int) -> int:
         say(f"Prometheus metrics on {exporter.url}")
     say(f"KMS keys: {keys.kms.check_keys()}")
 
+    if os.environ.get(config.TRANSACTION_POOLER_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        # On every pool, before the migrations' engines and Open WebUI's exist (its import already runs queries).
+        from sqlalchemy import event, pool
+
+        event.listen(pool.Pool, "connect", _unprepared)
+        say(f"{config.TRANSACTION_POOLER_ENV}: psycopg's server-side prepared statements are off")
     try:
         prepare_database(steps, keys)
     finally:  # done with the owner's URL: nothing of this process keeps it once Open WebUI is imported
