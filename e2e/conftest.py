@@ -10,7 +10,8 @@ One session brings up, and tears down:
   SYMMETRIC_DEFAULT key; boto3 pointed at it by its standard variables);
 * a stub OpenAI-compatible model on loopback (``e2e.llm_stub``), so chat
   completions run for real;
-* ``owui-crypto serve`` as a subprocess on a free loopback port, offline.
+* ``owui-crypto serve`` as a subprocess on a free loopback port, offline, with two roles of this run's own:
+  it migrates as a non-superuser owner and serves Open WebUI as a granted application role (README, "Two roles").
 
 Start-up time and the suite's run time are printed at the end.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -28,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -98,10 +101,66 @@ def pg_server() -> Iterator[devdb.Server]:
         server.keepalive.stop()
 
 
+@dataclass(frozen=True)
+class Roles:
+    """The two login roles serve runs with (README, "Two roles"): ``owner`` owns the database and migrates, ``app``
+    is what Open WebUI connects as, granted by serve at start. Neither is a superuser."""
+
+    owner: str
+    owner_password: str = field(repr=False)
+    app: str
+    app_password: str = field(repr=False)
+
+    def owner_url(self, url: str) -> str:
+        return as_role(url, self.owner, self.owner_password)
+
+    def app_url(self, url: str) -> str:
+        return as_role(url, self.app, self.app_password)
+
+    def env(self, url: str) -> dict[str, str]:
+        """serve's two URLs for the database ``url`` names."""
+        return {"DATABASE_URL": self.app_url(url), OWNER_URL_ENV: self.owner_url(url)}
+
+
+OWNER_URL_ENV = "OWUI_CRYPTO_OWNER_DATABASE_URL"
+
+
+def as_role(url: str, role: str, password: str) -> str:
+    """``url`` (a libpq URL) with ``role`` and ``password`` in place of its user."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{role}:{password}@{parts.hostname}:{parts.port or 5432}"))
+
+
 @contextlib.contextmanager
-def logged_database(pg_server: devdb.Server, prefix: str) -> Iterator[str]:
+def database_roles(pg_server: devdb.Server, prefix: str = "owui_crypto_e2e") -> Iterator[Roles]:
+    """An owner and an application role of this run's own (roles are cluster-wide: random names), dropped after
+    (drop their databases first)."""
+    suffix = secrets.token_hex(4)
+    roles = Roles(f"{prefix}_owner_{suffix}", f"owner-pw-{secrets.token_hex(8)}",
+                  f"{prefix}_app_{suffix}", f"app-pw-{secrets.token_hex(8)}")
+    with pg_server.connect() as admin:
+        for role, password in ((roles.owner, roles.owner_password), (roles.app, roles.app_password)):
+            admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)))
+    try:
+        yield roles
+    finally:
+        with pg_server.connect() as admin:
+            for role in (roles.app, roles.owner):
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture(scope="session")
+def e2e_roles(pg_server: devdb.Server) -> Iterator[Roles]:
+    """The roles of every serve this session starts with two roles (all but the tests of one role)."""
+    with database_roles(pg_server) as roles:
+        yield roles
+
+
+@contextlib.contextmanager
+def logged_database(pg_server: devdb.Server, prefix: str, owner: str | None = None) -> Iterator[str]:
     """A throw-away database whose every statement is logged (its parameters are not: the README's setting)."""
-    name = pg_server.create_database(prefix)
+    name = pg_server.create_database(prefix, owner=owner)
     with pg_server.connect() as conn:  # superuser-only settings, on this database only
         conn.execute(sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(sql.Identifier(name)))
         conn.execute(sql.SQL("ALTER DATABASE {} SET log_parameter_max_length = 0").format(sql.Identifier(name)))
@@ -112,8 +171,8 @@ def logged_database(pg_server: devdb.Server, prefix: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def e2e_database(pg_server: devdb.Server) -> Iterator[str]:
-    with logged_database(pg_server, "owui_crypto_e2e") as name:
+def e2e_database(pg_server: devdb.Server, e2e_roles: Roles) -> Iterator[str]:
+    with logged_database(pg_server, "owui_crypto_e2e", owner=e2e_roles.owner) as name:
         yield name
 
 
@@ -131,30 +190,13 @@ def llm() -> Iterator[LlmStub]:
 
 
 @pytest.fixture(scope="session")
-def owui(pg_server: devdb.Server, e2e_database: str, kms_server, pg_log: LogWindow,  # noqa: F811
+def owui(pg_server: devdb.Server, e2e_database: str, e2e_roles: Roles, kms_server, pg_log: LogWindow,  # noqa: F811
          llm: LlmStub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Owui]:
-    workdir = tmp_path_factory.mktemp("owui")
-    port = free_port()
-    url = pg_server.url(e2e_database)
-    env = {**os.environ, **OFFLINE_ENV,
-           "DATABASE_URL": url,  # plain postgresql://: serve normalises it to psycopg 3
-           "WEBUI_SECRET_KEY": "e2e-" + os.urandom(24).hex(),
-           "DATA_DIR": str(workdir / "data"),
-           "ENABLE_OPENAI_API": "true", "OPENAI_API_BASE_URLS": llm.base_url, "OPENAI_API_KEYS": "e2e-stub",
-           "OWUI_CRYPTO_METRICS_PORT": str(free_port()),  # the exporter, on loopback (e2e/test_metrics.py)
-           "PYTHONUNBUFFERED": "1"}
-    for name in ("DATABASE_SCHEMA", "UVICORN_WORKERS", "ENABLE_DB_MIGRATIONS", "DATABASE_TYPE"):
-        env.pop(name, None)
-    log_path = workdir / "serve.log"
-    log_file = log_path.open("wb")
-    cli = Path(sys.executable).with_name("owui-crypto")
-    started = time.monotonic()
-    process = subprocess.Popen([str(cli), "serve", "--host", "127.0.0.1", "--port", str(port)],
-                               env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
-    handle = Owui(f"http://127.0.0.1:{port}", e2e_database, url, log_path, process, env)
+    """The session's Open WebUI: serve with two roles, Open WebUI as the granted application role."""
+    extra = {"OWUI_CRYPTO_METRICS_PORT": str(free_port())}  # the exporter, on loopback (e2e/test_metrics.py)
+    handle = start_owui(pg_server.url(e2e_database), e2e_database, llm, tmp_path_factory.mktemp("owui"), extra,
+                        roles=e2e_roles)
     try:
-        wait_healthy(handle, started)
-        handle.startup_seconds = time.monotonic() - started
         TIMINGS["owui_startup_s"] = handle.startup_seconds
         for key, pattern in (("owui_import_s", r"Open WebUI imported in ([\d.]+) s"),
                              ("serve_ready_s", r"ready to serve after ([\d.]+) s")):
@@ -163,15 +205,9 @@ def owui(pg_server: devdb.Server, e2e_database: str, kms_server, pg_log: LogWind
                 TIMINGS[key] = float(match.group(1))
         yield handle
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log_file.close()
+        stop_owui(handle)
         kept = Path(tempfile.gettempdir()) / "owui-crypto-e2e-serve.log"
-        kept.write_bytes(log_path.read_bytes())  # for a look after the run
+        kept.write_bytes(handle.log_path.read_bytes())  # for a look after the run
 
 
 def wait_healthy(handle: Owui, started: float | None = None, timeout: float = STARTUP_TIMEOUT) -> None:
@@ -232,11 +268,14 @@ if typing.TYPE_CHECKING:  # selenium is imported only where a browser is asked f
     from e2e.browser import BrowserFactory
 
 
-def start_owui(url: str, database: str, llm: LlmStub, workdir: Path, extra_env: dict[str, str]) -> Owui:
-    """``owui-crypto serve`` on a free loopback port against ``url``, offline, healthy; as the ``owui`` fixture."""
+def start_owui(url: str, database: str, llm: LlmStub, workdir: Path, extra_env: dict[str, str],
+               roles: Roles | None = None) -> Owui:
+    """``owui-crypto serve`` on a free loopback port against ``url`` (a superuser's: the handle's ``sql`` reads
+    with it), offline, healthy. With ``roles`` it migrates as their owner and serves as their application role;
+    without, as ``url``'s role alone."""
     port = free_port()
     env = {**os.environ, **OFFLINE_ENV, **extra_env,
-           "DATABASE_URL": url,
+           **(roles.env(url) if roles else {"DATABASE_URL": url}),
            "WEBUI_SECRET_KEY": "e2e-" + os.urandom(24).hex(),
            "DATA_DIR": str(workdir / "data"),
            "ENABLE_OPENAI_API": "true", "OPENAI_API_BASE_URLS": llm.base_url, "OPENAI_API_KEYS": "e2e-stub",
@@ -304,9 +343,9 @@ def browser_llm() -> Iterator[LlmStub]:
 
 
 @pytest.fixture(scope="module")
-def browser_database(pg_server: devdb.Server) -> Iterator[str]:
+def browser_database(pg_server: devdb.Server, e2e_roles: Roles) -> Iterator[str]:
     """A database of its own for the browser test, logged as the session's (``log_statement = all``)."""
-    with logged_database(pg_server, "owui_crypto_e2e_browser") as name:
+    with logged_database(pg_server, "owui_crypto_e2e_browser", owner=e2e_roles.owner) as name:
         yield name
 
 
@@ -318,13 +357,13 @@ def browser_pg_log(pg_server: devdb.Server) -> LogWindow:
 
 
 @pytest.fixture(scope="module")
-def browser_owui(pg_server: devdb.Server, browser_database: str, kms_server,  # noqa: F811
+def browser_owui(pg_server: devdb.Server, browser_database: str, e2e_roles: Roles, kms_server,  # noqa: F811
                  browser_pg_log: LogWindow, browser_llm: LlmStub,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Owui]:
     """Open WebUI behind ``owui-crypto serve`` for the browser test alone: channels on, embeddings on loopback."""
     workdir = tmp_path_factory.mktemp("owui-browser")
     env = {**BROWSER_OWUI_ENV, "RAG_OPENAI_API_BASE_URL": browser_llm.base_url, "RAG_OPENAI_API_KEY": "e2e-stub"}
-    handle = start_owui(pg_server.url(browser_database), browser_database, browser_llm, workdir, env)
+    handle = start_owui(pg_server.url(browser_database), browser_database, browser_llm, workdir, env, roles=e2e_roles)
     TIMINGS["browser_owui_startup_s"] = handle.startup_seconds
     try:
         yield handle

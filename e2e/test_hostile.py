@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from app_adapter import devdb, envelope
-from e2e.conftest import OFFLINE_ENV, Owui, free_port, logged_database, start_owui, stop_owui, wait_healthy
+from e2e.conftest import OFFLINE_ENV, Owui, Roles, free_port, logged_database, start_owui, stop_owui, wait_healthy
 from e2e.llm_stub import LlmStub
 from e2e.owui_api import add_user, chat_document, ok, signup, words
 from tests.serverlog import LogWindow, server_log_path
@@ -105,16 +105,16 @@ def _envelopes(server: Owui, hostile_token: str, hostile_id: str, victim_token: 
 
 
 @pytest.fixture(scope="module")
-def sides(pg_server: devdb.Server, kms_server, llm: LlmStub,
+def sides(pg_server: devdb.Server, e2e_roles: Roles, kms_server, llm: LlmStub,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Side]]:
-    with logged_database(pg_server, "owui_crypto_e2e_hostile") as crypto_db, \
+    with logged_database(pg_server, "owui_crypto_e2e_hostile", owner=e2e_roles.owner) as crypto_db, \
             pg_server.scratch_database("owui_crypto_e2e_hostile_plain") as plain_db:
         plain = _start_plain(pg_server.url(plain_db), plain_db, llm, tmp_path_factory.mktemp("hostile-plain"))
         try:
             with pg_server.connect() as conn:
                 pg_log = LogWindow(server_log_path(conn))
             crypto = start_owui(pg_server.url(crypto_db), crypto_db, llm, tmp_path_factory.mktemp("hostile-crypto"),
-                                {})
+                                {}, roles=e2e_roles)
             try:
                 wait_healthy(plain)
                 token, hostile_id, victim = _users(crypto, "crypto")

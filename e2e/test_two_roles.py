@@ -8,26 +8,16 @@ role's SQL -- what an injection into Open WebUI would run -- directly over a con
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from app_adapter import devdb
-from e2e.conftest import Owui, start_owui, stop_owui
+from e2e.conftest import Owui, database_roles, start_owui, stop_owui
 from e2e.llm_stub import LlmStub
 from e2e.owui_api import Chat, User, add_user, message_texts, new_chat, ok, signup, tokens
-
-OWNER_URL_ENV = "OWUI_CRYPTO_OWNER_DATABASE_URL"
-
-
-def as_role(url: str, role: str, password: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{role}:{password}@{parts.hostname}:{parts.port or 5432}"))
 
 
 @dataclass
@@ -48,37 +38,26 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(pg_server: devdb.Server, kms_server, llm: LlmStub,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    suffix = secrets.token_hex(4)
-    owner, app = f"owui_crypto_e2e_owner_{suffix}", f"owui_crypto_e2e_app_{suffix}"
-    owner_password, app_password = f"owner-pw-{secrets.token_hex(8)}", f"app-pw-{secrets.token_hex(8)}"
-    with pg_server.connect() as admin:
-        for role, password in ((owner, owner_password), (app, app_password)):
-            admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(password)))
-    database = pg_server.create_database("owui_crypto_e2e_roles", owner=owner)
-    handle = None
-    try:
-        owner_url = as_role(pg_server.url(database), owner, owner_password)
-        app_url = as_role(pg_server.url(database), app, app_password)
-        handle = start_owui(app_url, database, llm, tmp_path_factory.mktemp("owui-two-roles"),
-                            {OWNER_URL_ENV: owner_url})
-        with handle.client() as anonymous:
-            alice = signup(anonymous, "Alice Admin", "alice.roles@example.com", "alice-Pw-12345")
-            with handle.client(alice.token) as admin_client:
-                bob = add_user(admin_client, "Bob User", "bob.roles@example.com", "bob-Pw-123456", anonymous)
-        with handle.client(alice.token) as c:
-            alice_chat = new_chat(c, alice, "alice roles")
-        with handle.client(bob.token) as c:
-            bob_chat = new_chat(c, bob, "bob roles")
-        yield Stack(handle, database, owner, app, owner_url, owner_password, app_url, alice, bob, alice_chat,
-                    bob_chat)
-    finally:
-        if handle is not None:
-            stop_owui(handle)
-        pg_server.drop_database(database)
-        with pg_server.connect() as admin:
-            for role in (app, owner):
-                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+    with database_roles(pg_server, "owui_crypto_e2e_roles") as roles:
+        database = pg_server.create_database("owui_crypto_e2e_roles", owner=roles.owner)
+        handle = None
+        try:
+            url = pg_server.url(database)
+            handle = start_owui(url, database, llm, tmp_path_factory.mktemp("owui-two-roles"), {}, roles=roles)
+            with handle.client() as anonymous:
+                alice = signup(anonymous, "Alice Admin", "alice.roles@example.com", "alice-Pw-12345")
+                with handle.client(alice.token) as admin_client:
+                    bob = add_user(admin_client, "Bob User", "bob.roles@example.com", "bob-Pw-123456", anonymous)
+            with handle.client(alice.token) as c:
+                alice_chat = new_chat(c, alice, "alice roles")
+            with handle.client(bob.token) as c:
+                bob_chat = new_chat(c, bob, "bob roles")
+            yield Stack(handle, database, roles.owner, roles.app, roles.owner_url(url), roles.owner_password,
+                        roles.app_url(url), alice, bob, alice_chat, bob_chat)
+        finally:
+            if handle is not None:
+                stop_owui(handle)
+            pg_server.drop_database(database)
 
 
 def attempt(conn: psycopg.Connection, query: str, params: tuple | None = None) -> str:
