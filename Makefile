@@ -18,6 +18,7 @@ help:
 	@echo "make bench-sql   SQL Fernet vs Python cryptography, as throughput ratios"
 	@echo "make bench-keys  KMS calls and begin-hook overhead for 1,000 transactions"
 	@echo "make bench-owui  plain Open WebUI against owui-crypto serve, side by side (BENCH_OWUI_ARGS=--quick)"
+	@echo "make soak        load and faults on two serve instances, then every invariant (SOAK_ARGS=--ci: a few minutes)"
 
 venv: $(STAMP)
 
@@ -89,3 +90,16 @@ bench-owui: owui-venv services
 	@$(OWUI_VENV)/bin/python -c 'import matplotlib' 2>/dev/null || { echo "bench-owui: installing matplotlib into $(OWUI_VENV)"; \
 	  $(OWUI_VENV)/bin/python -m pip install --quiet matplotlib 2>&1 | grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	@$(OWUI_VENV)/bin/python scripts/bench_owui.py $(BENCH_OWUI_ARGS)
+
+# Load and faults (issue 12): two `owui-crypto serve` instances behind PgBouncer on a private PostgreSQL 15 cluster,
+# Redis, moto's KMS behind a fault proxy; simulated users, faults on a schedule, then every invariant. Results in
+# soak-results/ (SOAK_ARGS="--out DIR" elsewhere); ends with `SOAK PASSED ...` or `SOAK FAILED: ...`.
+# SOAK_ARGS=--ci: 12 users, 3 minutes of load. matplotlib and python-socketio's client extras are installed into
+# .venv-owui the first time.
+SOAK_ARGS ?=
+
+.PHONY: soak
+soak: owui-venv services
+	@$(OWUI_VENV)/bin/python -c 'import matplotlib, websocket' 2>/dev/null || { echo "soak: installing matplotlib and python-socketio[client] into $(OWUI_VENV)"; \
+	  $(OWUI_VENV)/bin/python -m pip install --quiet matplotlib 'python-socketio[client]' 2>&1 | grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	@$(OWUI_VENV)/bin/python scripts/soak.py $(SOAK_ARGS)

@@ -13,8 +13,9 @@ What counts where, and why:
 * A fault *explains* an error (5xx, or no answer) if the request's time span ``[t, t + ms]`` overlaps the fault's
   window ``[start, end + grace_s]``. The span, not the start alone: a request sent just before PostgreSQL
   restarts fails because of the restart. Errors no window explains are ``unexplained``; the soak fails on any.
-* A fault's row counts every request whose span overlaps its window (windows may overlap, so a request may count
-  in two rows); the "outside faults" row counts the rest, the "total" row all of them.
+* A fault's row counts the requests it is the latest fault for: of the windows a request's span overlaps, the one
+  that started last (the KMS outage, not the hostile inputs whose grace it falls in). So each request counts in one
+  row at most, the "outside faults" row counts the rest, and the rows add up to the "total" row.
 * ``recovered_after_s``: seconds from the fault's end to the start of the last error its window explains, 0.0 when
   none started after the end, and None when the errors went on past ``end + grace_s``: an error that no other
   window explains started in ``(end + grace_s, end + 2 * grace_s]``, i.e. right where this fault's grace ran out.
@@ -157,6 +158,11 @@ def explained_by(event: Event, faults: Sequence[Fault], grace_s: float) -> list[
     return [f for f in faults if _overlaps(event, f.start, f.end + grace_s)]
 
 
+def latest_fault(event: Event, faults: Sequence[Fault], grace_s: float) -> Fault | None:
+    """The fault whose row counts ``event``: of the windows its span overlaps, the one that started last."""
+    return max(explained_by(event, faults, grace_s), key=lambda f: f.start, default=None)
+
+
 def fault_rows(events: Sequence[Event], faults: Sequence[Fault], grace_s: float) -> list[FaultRow]:
     rows = []
     for fault in faults:
@@ -165,10 +171,11 @@ def fault_rows(events: Sequence[Event], faults: Sequence[Fault], grace_s: float)
         # Faults that begin after this one ended take over the errors of their own window from its grace.
         later = [f for f in faults if f is not fault and f.start > fault.end]
         for event in events:
-            if _overlaps(event, fault.start, fault.end + grace_s):
+            if latest_fault(event, faults, grace_s) is fault:
                 counts.add(event)
-                if event.error and not (event.t > fault.end and any(_overlaps(event, f.start, f.end) for f in later)):
-                    last_error = event.t if last_error is None else max(last_error, event.t)
+            taken_over = event.t > fault.end and any(_overlaps(event, f.start, f.end) for f in later)
+            if event.error and _overlaps(event, fault.start, fault.end + grace_s) and not taken_over:
+                last_error = event.t if last_error is None else max(last_error, event.t)
         spilled = any(e.error and fault.end + grace_s < e.t <= fault.end + 2 * grace_s
                       and not explained_by(e, faults, grace_s) for e in events)
         recovered: float | None

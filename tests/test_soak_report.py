@@ -83,12 +83,13 @@ def test_an_error_explained_by_the_next_fault_is_no_failure_to_recover() -> None
     assert sr.unexplained_errors(events, [first, second], GRACE) == []
 
 
-def test_overlapping_windows_count_a_request_in_both_and_outside_in_neither() -> None:
-    faults = [sr.Fault("kms_throttle", 0.0, 50.0), sr.Fault("hostile", 40.0, 60.0)]
-    events = [ev(45, 413), ev(100, 200)]
+def test_a_request_in_overlapping_windows_counts_for_the_latest_fault_only() -> None:
+    faults = [sr.Fault("hostile", 0.0, 50.0), sr.Fault("kms_down", 60.0, 90.0)]
+    events = [ev(45, 413), ev(70, 503), ev(75, 200), ev(200, 200)]  # 70 and 75: in hostile's grace and kms_down
     rows = sr.fault_rows(events, faults, GRACE)
-    assert [r.client_4xx for r in rows] == [1, 1]
+    assert [(r.requests, r.client_4xx, r.server_5xx) for r in rows] == [(1, 1, 0), (2, 0, 1)]
     assert sr.outside_counts(events, faults, GRACE).requests == 1
+    assert sum(r.requests for r in rows) + 1 == sr.total_counts(events).requests
 
 
 def test_4xx_outside_faults_is_not_an_error() -> None:
@@ -131,5 +132,5 @@ def test_errors_of_a_later_fault_in_the_grace_of_an_earlier_one_are_the_later_on
     early, late = sr.Fault("terminate_backends", 10.0, 11.0), sr.Fault("serve_kill", 15.0, 40.0)
     events = [ev(10.5, 0), ev(12, 503), ev(16, 0), ev(20, 0), ev(38, 0)]
     rows = sr.fault_rows(events, [early, late], GRACE)
-    assert rows[0].no_answer == 3 and rows[0].recovered_after_s == pytest.approx(1.0)  # 12 s, not 20 s
-    assert rows[1].recovered_after_s == 0.0
+    assert rows[0].no_answer == 1 and rows[0].recovered_after_s == pytest.approx(1.0)  # 12 s, not 20 s
+    assert rows[1].no_answer == 3 and rows[1].recovered_after_s == 0.0
