@@ -86,20 +86,21 @@ demo-screenshot: services
 BENCH_OWUI_ARGS ?=
 
 .PHONY: bench-owui
-bench-owui: owui-venv services
-	@$(OWUI_VENV)/bin/python -c 'import matplotlib' 2>/dev/null || { echo "bench-owui: installing matplotlib into $(OWUI_VENV)"; \
-	  $(OWUI_VENV)/bin/python -m pip install --quiet matplotlib 2>&1 | grep -v 'is ignored: it is neither a file nor a directory' || true; }
+bench-owui: owui-venv services owui-matplotlib
 	@$(OWUI_VENV)/bin/python scripts/bench_owui.py $(BENCH_OWUI_ARGS)
+
+# The PNGs of bench-owui and soak: matplotlib goes into .venv-owui the first time one of them runs.
+.PHONY: owui-matplotlib
+owui-matplotlib: owui-venv
+	@$(OWUI_VENV)/bin/python -c 'import matplotlib' 2>/dev/null || { echo "installing matplotlib into $(OWUI_VENV)"; \
+	  $(OWUI_VENV)/bin/python -m pip install --quiet matplotlib 2>&1 | grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
 # Load and faults (issue 12): two `owui-crypto serve` instances behind PgBouncer on a private PostgreSQL 15 cluster,
 # Redis, moto's KMS behind a fault proxy; simulated users, faults on a schedule, then every invariant. Results in
 # soak-results/ (SOAK_ARGS="--out DIR" elsewhere); ends with `SOAK PASSED ...` or `SOAK FAILED: ...`.
-# SOAK_ARGS=--ci: 12 users, 3 minutes of load. matplotlib and python-socketio's client extras are installed into
-# .venv-owui the first time.
+# SOAK_ARGS=--ci: 10 users, 4 minutes of load.
 SOAK_ARGS ?=
 
 .PHONY: soak
-soak: owui-venv services
-	@$(OWUI_VENV)/bin/python -c 'import matplotlib, websocket' 2>/dev/null || { echo "soak: installing matplotlib and python-socketio[client] into $(OWUI_VENV)"; \
-	  $(OWUI_VENV)/bin/python -m pip install --quiet matplotlib 'python-socketio[client]' 2>&1 | grep -v 'is ignored: it is neither a file nor a directory' || true; }
+soak: owui-venv services owui-matplotlib
 	@$(OWUI_VENV)/bin/python scripts/soak.py $(SOAK_ARGS)
