@@ -73,6 +73,7 @@ __all__ = [
     "reset",
     "resolve",
     "forget_other_role",
+    "owner_url_from_secret",
     "settle_other_role",
 ]
 
@@ -268,8 +269,9 @@ class RdsSecret:
     dbname: str | None = None
 
 
-def read_secret(arn: str, client: Any | None = None) -> RdsSecret:
-    """GetSecretValue on ``arn`` and its JSON as RDS writes it. Errors name the secret, never its content."""
+def read_secret(arn: str, client: Any | None = None, variable: str = DB_SECRET_ENV) -> RdsSecret:
+    """GetSecretValue on ``arn`` (given in ``variable``) and its JSON as RDS writes it. Errors name the secret,
+    never its content."""
     region = arn.split(":")[3]
     try:
         with _redacting():
@@ -278,7 +280,7 @@ def read_secret(arn: str, client: Any | None = None) -> RdsSecret:
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code") or type(exc).__name__
         raise DatabaseCredentialsError(
-            f"cannot read the database secret {arn} ({DB_SECRET_ENV}): {code}. The role needs "
+            f"cannot read the database secret {arn} ({variable}): {code}. The role needs "
             "secretsmanager:GetSecretValue on it (owui-crypto iam-policy), and kms:Decrypt on its KMS key when that "
             "is not aws/secretsmanager; Secrets Manager must be reachable (NAT or a secretsmanager VPC endpoint)"
         ) from None
@@ -408,24 +410,24 @@ class _Parts:
     scheme: str = "postgresql+psycopg"  # DATABASE_URL's, kept: serve refuses the drivers it cannot protect
 
 
-def _merge(url_text: str | None, secret: RdsSecret | None, sends_password: bool) -> _Parts:
+def _merge(url_text: str | None, secret: RdsSecret | None, sends_password: bool, name: str = "DATABASE_URL",
+           secret_env: str = DB_SECRET_ENV) -> _Parts:
     if url_text:
         try:
             url = make_url(url_text)
         except ArgumentError:
             # The text may hold a password: it is not repeated.
-            raise ConfigError("DATABASE_URL is not a URL (postgresql+psycopg://USER@HOST:5432/DBNAME)") from None
+            raise ConfigError(f"{name} is not a URL (postgresql+psycopg://USER@HOST:5432/DBNAME)") from None
         if not url.drivername.startswith("postgres"):
-            raise ConfigError(f"DATABASE_URL is {url.drivername}:...: the database settings of Connecting to "
+            raise ConfigError(f"{name} is {url.drivername}:...: the database settings of Connecting to "
                               "Aurora are for PostgreSQL (postgresql+psycopg://...)")
         if url.password is not None and sends_password:
-            source = f"{DB_SECRET_ENV} gives it" if secret else "the connection gets it from AWS"
-            raise ConfigError(f"DATABASE_URL carries a password, but {source}: remove the password from "
-                              "DATABASE_URL")
+            source = f"{secret_env} gives it" if secret else "the connection gets it from AWS"
+            raise ConfigError(f"{name} carries a password, but {source}: remove the password from {name}")
         query: dict[str, str] = {}
         for key, value in url.query.items():
             if not isinstance(value, str):
-                raise ConfigError(f"DATABASE_URL names {key} more than once")
+                raise ConfigError(f"{name} names {key} more than once")
             query[key] = value
         # Empty parts ("postgresql:///?sslmode=...") are absent ones, to be filled from the secret.
         user, host, dbname = url.username or None, url.host or None, url.database or None
@@ -440,9 +442,9 @@ def _merge(url_text: str | None, secret: RdsSecret | None, sends_password: bool)
                  ("port", "port", port, secret.port), ("database", "dbname", dbname, secret.dbname))
         for what, key, mine, theirs in pairs:
             if mine is not None and theirs is not None and str(mine) != str(theirs):
-                raise ConfigError(f"DATABASE_URL names {what} {mine!s} but the secret {secret.arn} names {key} "
-                                  f"{theirs!s}: DATABASE_URL may only add what the secret lacks. Remove it "
-                                  "from DATABASE_URL")
+                raise ConfigError(f"{name} names {what} {mine!s} but the secret {secret.arn} names {key} "
+                                  f"{theirs!s}: {name} may only add what the secret lacks. Remove it "
+                                  f"from {name}")
         user, host = user or secret.username, host or secret.host
         port, dbname = port or secret.port, dbname or secret.dbname
     return _Parts(user, host, port, dbname, query, password, scheme)
@@ -551,6 +553,25 @@ def settle_other_role(url: str, name: str, environ: Mapping[str, str] = os.envir
     with _LOCK:
         _other_roles.add(settled)
     return settled
+
+
+def owner_url_from_secret(url: str | None, arn: str, name: str, secret_env: str) -> str:
+    """The owner's URL (``name``, may be None) completed from the RDS secret ``arn`` (given in ``secret_env``),
+    password included: :func:`settle_other_role` then takes it as an owner's URL that carries its password.
+
+    The password goes into that URL, not into the connect hooks: they hand ``DATABASE_URL``'s user its credentials,
+    and the owner's URL lives only in serve's memory until Open WebUI is imported. Read with the process's role
+    (the ECS task role), so it never passes through the environment as an ECS-injected variable would."""
+    with _LOCK:
+        secret = _secrets.get(arn) or read_secret(arn, variable=secret_env)
+        _secrets[arn] = secret
+    parts = _merge(url, secret, True, name, secret_env)
+    if not parts.host or not parts.user or not parts.dbname:
+        raise ConfigError(f"no database host, user or name for {name}: the secret {arn} ({secret_env}) lacks some "
+                          f"and {name} does not give them (the secret gets host and port once attached to the "
+                          f"cluster, not the database name: {name}=postgresql+psycopg:///DBNAME)")
+    return _render(parts.scheme, parts.user, parts.host, parts.port, parts.dbname, parts.query,
+                   secret.password.reveal().decode("utf-8"))
 
 
 def forget_other_role(url: str) -> None:

@@ -11,7 +11,7 @@ import psycopg
 from psycopg import sql
 
 from app_adapter import errors, migrate
-from app_adapter.config import OWNER_URL_ENV
+from app_adapter.config import OWNER_URL_ENV, two_roles
 from app_adapter.sqlrows import scalar
 
 EPILOG = """environment:
@@ -66,7 +66,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                             "'owui_crypto'::regnamespace AND pg_catalog.pg_has_role(f.proowner, 'MEMBER'))")
     for line in problems:
         print(f"problem: {line}")
-    if owns and not os.environ.get(OWNER_URL_ENV, "").strip():
+    if owns and not two_roles(os.environ):
         # Not a problem of the database (the exit code stays): how owui-crypto serve would use this role.
         print(f"warning: {OWNER_URL_ENV} is not set, so owui-crypto serve would run Open WebUI as this role, which "
               "owns owui-crypto's functions (SECURITY.md, 'One role for everything'); give Open WebUI a role of "

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 from app_adapter.errors import ConfigError
 
-__all__ = ["ACCEPTED_CMKS_ENV", "ENV_VARS", "MAC_ALGORITHMS", "OWNER_URL_ENV", "TRANSACTION_POOLER_ENV", "Settings",
-           "accepted_cmk_ids", "settings_table_markdown"]
+__all__ = ["ACCEPTED_CMKS_ENV", "ENV_VARS", "MAC_ALGORITHMS", "OWNER_SECRET_ENV", "OWNER_URL_ENV",
+           "TRANSACTION_POOLER_ENV", "Settings", "accepted_cmk_ids", "settings_table_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,15 @@ ENV_VARS: tuple[tuple[str, str | None, str], ...] = (
         "`DATABASE_URL`'s role, which it refuses if that role could act as the owner (README, \"Two roles\"). "
         "Taken out of the environment before Open WebUI is imported.",
     ),
+    (
+        "OWUI_CRYPTO_OWNER_DB_SECRET_ARN",
+        "",
+        "Off by default. The owner's password from Secrets Manager instead of its URL: ARN of a secret as RDS "
+        "writes it (the master user's), read by `owui-crypto serve` with its own role at start; "
+        "`OWUI_CRYPTO_OWNER_DATABASE_URL` then names only what the secret lacks (`postgresql+psycopg:///DBNAME`), "
+        "or is unset. Set, two roles as with `OWUI_CRYPTO_OWNER_DATABASE_URL`; the password stays in the memory "
+        "of serve's start-up, never in the environment or a log.",
+    ),
     # Database access (app_adapter.aurora; README, "Connecting to Aurora").
     (
         "OWUI_CRYPTO_DB_SECRET_ARN",
@@ -175,6 +184,13 @@ ENV_VARS: tuple[tuple[str, str | None, str], ...] = (
 
 #: The owner's URL for ``owui-crypto serve`` with two roles (app_adapter.owui.launcher); doctor and check read it.
 OWNER_URL_ENV = "OWUI_CRYPTO_OWNER_DATABASE_URL"
+#: The owner's secret (an RDS secret's ARN), read by serve itself: the deployment kit's way to the master user.
+OWNER_SECRET_ENV = "OWUI_CRYPTO_OWNER_DB_SECRET_ARN"
+
+
+def two_roles(environ: Mapping[str, str]) -> bool:
+    """Whether owui-crypto serve gets the owner's connection apart from DATABASE_URL (README, "Two roles")."""
+    return any((environ.get(name) or "").strip() for name in (OWNER_URL_ENV, OWNER_SECRET_ENV))
 
 #: Removed: storing the user key next to the DEK it wraps gave the DEK to
 #: anyone who reads the table. Set to a true value, it now refuses to start.

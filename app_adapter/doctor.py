@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 
 from app_adapter import serverchecks, userkeys
-from app_adapter.config import OWNER_URL_ENV, Settings
+from app_adapter.config import OWNER_URL_ENV, Settings, two_roles
 from app_adapter.errors import OwuiCryptoError
 from app_adapter.kms import KmsKeys
 
@@ -271,7 +271,7 @@ def _role_owner(p: _Probe) -> list[Finding]:
 def serve_roles(role: str, owns: bool, environ: Mapping[str, str]) -> Finding:
     """How owui-crypto serve would connect Open WebUI with this environment: with the owner's URL apart (two roles),
     or as DATABASE_URL's role for everything (the single-role residual)."""
-    if (environ.get(OWNER_URL_ENV) or "").strip():
+    if two_roles(environ):
         return Finding("serve.roles", Status.PASS, f"two roles: owui-crypto serve migrates as {OWNER_URL_ENV}'s "
                        f"role and serves Open WebUI as {role}, which it refuses if {role} could act as the owner")
     if owns:

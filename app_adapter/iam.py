@@ -24,7 +24,10 @@ it makes them on, with the encryption contexts it sends:
   (``OWUI_CRYPTO_DB_SECRET_ARN``), which owui-crypto then reads itself
   (:mod:`app_adapter.aurora`). Without it, on ECS the task definition's
   ``secrets`` are fetched by the task *execution* role, so
-  ``deploy/owui-crypto.yaml`` gives the task role no Secrets Manager access;
+  ``deploy/owui-crypto.yaml`` gives the task role no Secrets Manager access for it;
+* optionally ``secretsmanager:GetSecretValue`` on the owner's secret
+  (``OWUI_CRYPTO_OWNER_DB_SECRET_ARN``: the master user's, which ``owui-crypto serve``
+  reads at start to migrate and grant as the owner); the kit's task role has it;
 * optionally ``rds-db:connect`` on one database user (``OWUI_CRYPTO_DB_USER_ARN``,
   ``arn:aws:rds-db:REGION:ACCOUNT:dbuser:RESOURCE_ID/USER``), for RDS IAM
   authentication (``OWUI_CRYPTO_DB_IAM_AUTH``): required then, refused with a
@@ -54,7 +57,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from app_adapter.config import ACCEPTED_CMKS_ENV, erasure_settings
+from app_adapter.config import ACCEPTED_CMKS_ENV, OWNER_SECRET_ENV, erasure_settings
 from app_adapter.errors import ConfigError
 
 __all__ = [
@@ -83,7 +86,9 @@ The keys must be given as key ARNs (arn:aws:kms:REGION:ACCOUNT:key/KEY-ID):
 IAM authorizes KMS calls on the key, not on an alias. Find a key's ARN with
   aws kms describe-key --key-id alias/NAME --query KeyMetadata.Arn --output text
 
-deploy/owui-crypto.yaml gives its task role exactly this document.
+deploy/owui-crypto.yaml gives its task role exactly this document, as printed with its task
+definition's OWUI_CRYPTO_DB_IAM_AUTH=true, OWUI_CRYPTO_DB_USER_ARN (the application role) and
+OWUI_CRYPTO_OWNER_DB_SECRET_ARN (the master user's secret).
 
 With OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS (key ARNs, comma-separated; the CMKs the instances also unwrap with
 while a rewrap moves keys between CMKs) it adds kms:DescribeKey and kms:Decrypt on each, with the same
@@ -95,7 +100,8 @@ own, kms:CreateGrant of per-user Decrypt grants to itself, kms:ListGrants. The C
 give the task role the same statements (README, "Erasure that reaches backups").
 
 With OWUI_CRYPTO_DB_SECRET_ARN it adds secretsmanager:GetSecretValue on that secret (owui-crypto reads it
-itself); with OWUI_CRYPTO_DB_USER_ARN=arn:aws:rds-db:REGION:ACCOUNT:dbuser:RESOURCE_ID/USER, rds-db:connect
+itself), and likewise with OWUI_CRYPTO_OWNER_DB_SECRET_ARN (the owner's secret, which serve reads at
+start); with OWUI_CRYPTO_DB_USER_ARN=arn:aws:rds-db:REGION:ACCOUNT:dbuser:RESOURCE_ID/USER, rds-db:connect
 on that database user, which OWUI_CRYPTO_DB_IAM_AUTH=true requires (README, "Connecting to Aurora")."""
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -116,13 +122,15 @@ _CMK_USES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 def task_role_policy(hmac_key_arn: str, cmk_arn: str, db_secret_arn: str | None = None, *,
                      erasure: str = "off", grantee_arn: str | None = None,
-                     db_user_arn: str | None = None, accepted_cmk_arns: Sequence[str] = ()) -> dict[str, Any]:
+                     db_user_arn: str | None = None, accepted_cmk_arns: Sequence[str] = (),
+                     owner_db_secret_arn: str | None = None) -> dict[str, Any]:
     """The policy document for ``hmac_key_arn`` and ``cmk_arn`` (both key ARNs).
 
     ``accepted_cmk_arns`` (key ARNs) get DescribeKey and Decrypt only, under the same context conditions.
     ``db_secret_arn`` adds ``secretsmanager:GetSecretValue`` on that secret. ``erasure="grants"`` (with
     ``grantee_arn``, the role's own ARN) gives the policy of :mod:`app_adapter.erasure`. ``db_user_arn`` adds
-    ``rds-db:connect`` on that database user (RDS IAM authentication).
+    ``rds-db:connect`` on that database user (RDS IAM authentication). ``owner_db_secret_arn`` adds
+    ``secretsmanager:GetSecretValue`` on the owner's secret.
     Raises :class:`ConfigError` on an alias or anything else than a key ARN.
     """
     erasure, grantee = erasure_settings({"OWUI_CRYPTO_ERASURE": erasure,
@@ -161,6 +169,11 @@ def task_role_policy(hmac_key_arn: str, cmk_arn: str, db_secret_arn: str | None 
             {"Sid": "DatabaseSecret", "Effect": "Allow", "Action": "secretsmanager:GetSecretValue",
              "Resource": secret_arn(db_secret_arn)}
         )
+    if owner_db_secret_arn is not None:
+        statements.append(
+            {"Sid": "OwnerDatabaseSecret", "Effect": "Allow", "Action": "secretsmanager:GetSecretValue",
+             "Resource": secret_arn(owner_db_secret_arn, OWNER_SECRET_ENV)}
+        )
     if db_user_arn is not None:
         statements.append(
             {"Sid": "DatabaseIamAuth", "Effect": "Allow", "Action": "rds-db:connect",
@@ -169,12 +182,12 @@ def task_role_policy(hmac_key_arn: str, cmk_arn: str, db_secret_arn: str | None 
     return {"Version": "2012-10-17", "Statement": statements}
 
 
-def secret_arn(value: str) -> str:
-    """``value`` if it is a full Secrets Manager secret ARN, else :class:`ConfigError`. A full ARN: it is both
-    what owui-crypto reads and the policy's Resource, so the two cannot drift apart."""
+def secret_arn(value: str, name: str = DB_SECRET_ENV) -> str:
+    """``value`` if it is a full Secrets Manager secret ARN, else :class:`ConfigError` naming the variable ``name``.
+    A full ARN: it is both what owui-crypto reads and the policy's Resource, so the two cannot drift apart."""
     if not _SECRET_ARN_RE.match(value):
         raise ConfigError(
-            f"{DB_SECRET_ENV}={value!r} is not a Secrets Manager secret ARN; expected the full ARN, "
+            f"{name}={value!r} is not a Secrets Manager secret ARN; expected the full ARN, "
             "e.g. arn:aws:secretsmanager:us-east-1:111122223333:secret:owui/db-AbCdEf"
         )
     return value
@@ -207,7 +220,7 @@ def policy_from_environment(
 ) -> dict[str, Any]:
     """:func:`task_role_policy` with each missing argument read from the environment:
     ``KMS_HMAC_KEY_ID``, ``KMS_APPLICATION_CMK_ID``, :data:`DB_SECRET_ENV` (omitted if unset); the accepted CMKs
-    from ``OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS``."""
+    from ``OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS``; the owner's secret from ``OWUI_CRYPTO_OWNER_DB_SECRET_ARN``."""
     hmac = hmac_key_arn or _env(environ, "KMS_HMAC_KEY_ID")
     cmk = cmk_arn or _env(environ, "KMS_APPLICATION_CMK_ID")
     if hmac is None:
@@ -218,7 +231,7 @@ def policy_from_environment(
     accepted = [item.strip() for item in (_env(environ, ACCEPTED_CMKS_ENV) or "").split(",") if item.strip()]
     return task_role_policy(hmac, cmk, db_secret_arn or _env(environ, DB_SECRET_ENV), erasure=erasure,
                             grantee_arn=grantee, db_user_arn=_db_user_from_environment(environ),
-                            accepted_cmk_arns=accepted)
+                            accepted_cmk_arns=accepted, owner_db_secret_arn=_env(environ, OWNER_SECRET_ENV))
 
 
 def _db_user_from_environment(environ: Mapping[str, str]) -> str | None:

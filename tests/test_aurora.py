@@ -59,7 +59,8 @@ TEST_SECRET_KEY = "testing"  # tests.kms_fixtures' AWS_SECRET_ACCESS_KEY: what t
 ACCOUNT = "123456789012"  # moto's account
 
 AURORA_VARS = (aurora.DB_SECRET_ENV, aurora.IAM_AUTH_ENV, aurora.CA_BUNDLE_ENV, aurora.OWUI_IAM_AUTH_ENV,
-               iam.DB_USER_ARN_ENV, "PGPASSWORD", "DATABASE_URL", "DATABASE_PASSWORD")
+               iam.DB_USER_ARN_ENV, "PGPASSWORD", "DATABASE_URL", "DATABASE_PASSWORD", launcher.OWNER_SECRET_ENV,
+               launcher.OWNER_URL_ENV)
 
 
 @pytest.fixture(autouse=True)
@@ -403,6 +404,55 @@ def test_an_unreadable_secret_names_the_secret_and_the_permission(secrets: Secre
     with pytest.raises(aurora.DatabaseCredentialsError, match="ResourceNotFoundException") as refused:
         aurora.resolve(None, {aurora.DB_SECRET_ENV: missing})
     assert "secretsmanager:GetSecretValue" in str(refused.value) and missing in str(refused.value)
+
+
+# -- the owner's secret (two roles; deploy/owui-crypto.yaml) -----------------------------------------------------
+
+
+def test_the_owners_password_comes_from_its_secret_into_the_owners_connection_only(
+        secrets: Secrets, upstream: Any, gates: list[PasswordGate], kms_server: Any) -> None:
+    """serve reads the owner's secret itself: the password reaches the owner's connection and no variable."""
+    address, database, user = upstream
+    gate = gate_for_password(gates, address, CANARY)
+    # As SecretTargetAttachment leaves the master secret: host and port, no dbname.
+    arn = secrets.create({"username": user, "password": CANARY, "engine": "aurora-postgresql", "host": "127.0.0.1",
+                          "port": gate.port})
+    environ = {launcher.OWNER_SECRET_ENV: f" {arn} ", launcher.OWNER_URL_ENV: f"postgresql:///{database}?sslmode=disable",
+               "DATABASE_URL": f"postgresql+psycopg://owui_app@127.0.0.1:{gate.port}/{database}"}
+    owner = launcher.owner_database_url(environ)
+    assert owner == f"postgresql+psycopg://{user}:{CANARY}@127.0.0.1:{gate.port}/{database}?sslmode=disable"
+    assert set(environ) == {"DATABASE_URL"} and CANARY not in environ["DATABASE_URL"]
+    assert aurora.resolve(owner, environ) == owner  # handed back as it is, as for an owner's URL given whole
+    assert aurora._password_for({"host": "127.0.0.1", "port": str(gate.port), "user": user}) is None
+    with psycopg.connect(owner.replace("+psycopg", "", 1)) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (user,)
+    assert gate.passwords() == [CANARY]
+    # Without its own URL, a secret that names everything is enough; TLS is required for a password on the way.
+    whole = secrets.create({"username": "owui_admin", "password": CANARY, "host": "db.example", "port": 5432,
+                            "dbname": "openwebui"})
+    assert launcher.owner_database_url({launcher.OWNER_SECRET_ENV: whole}) == (
+        f"postgresql+psycopg://owui_admin:{CANARY}@db.example:5432/openwebui?sslmode=require")
+
+
+def test_a_bad_owner_secret_or_url_beside_it_is_refused_without_the_password(secrets: Secrets) -> None:
+    arn = secrets.create({"username": "owui_admin", "password": CANARY, "host": "db.example", "port": 5432})
+    url_password = "pw-" + os.urandom(6).hex()
+    missing = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:owui/absent-AbCdEf"
+    for url, secret, extra, says in [
+        (None, arn, {}, "no database host, user or name"),
+        (f"postgresql://owui_admin:{url_password}@/openwebui", arn, {}, "carries a password"),
+        ("postgresql://someone_else@/openwebui", arn, {}, "names user someone_else but the secret"),
+        ("postgresql:///openwebui?sslmode=disable", arn, {}, "says sslmode=disable"),
+        ("sqlite:///webui.db", arn, {}, "is sqlite"),
+        (None, arn, {"PGPASSWORD": url_password}, f"PGPASSWORD is set beside {launcher.OWNER_SECRET_ENV}"),
+        (None, "owui/db", {}, f"{launcher.OWNER_SECRET_ENV}='owui/db' is not a Secrets Manager secret ARN"),
+        (None, missing, {}, f"{launcher.OWNER_SECRET_ENV}\\): ResourceNotFoundException.*GetSecretValue"),
+    ]:
+        environ = {launcher.OWNER_SECRET_ENV: secret, **extra, **({launcher.OWNER_URL_ENV: url} if url else {})}
+        with pytest.raises(ConfigError, match=says) as refused:
+            launcher.owner_database_url(environ)
+        assert launcher.OWNER_SECRET_ENV not in environ and launcher.OWNER_URL_ENV not in environ
+        assert CANARY not in exception_text(refused.value) and url_password not in exception_text(refused.value)
 
 
 # -- the password on every connection ----------------------------------------------------------------------------
@@ -869,6 +919,16 @@ def test_iam_policy_with_the_secret_owui_crypto_reads(capsys: pytest.CaptureFixt
     assert printed["Statement"][-1] == {"Sid": "DatabaseSecret", "Effect": "Allow",
                                         "Action": "secretsmanager:GetSecretValue", "Resource": secret}
     assert not [s for s in printed["Statement"] if "rds-db:connect" in str(s["Action"])]
+    owner = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:owui/master-GhIjKl"
+    monkeypatch.setenv(launcher.OWNER_SECRET_ENV, owner)
+    assert cli.main(["iam-policy"]) == 0
+    with_owner = json.loads(capsys.readouterr().out)["Statement"]
+    assert with_owner[:-1] == printed["Statement"]
+    assert with_owner[-1] == {"Sid": "OwnerDatabaseSecret", "Effect": "Allow",
+                              "Action": "secretsmanager:GetSecretValue", "Resource": owner}
+    monkeypatch.setenv(launcher.OWNER_SECRET_ENV, "owui/master")
+    assert cli.main(["iam-policy"]) == 1
+    assert f"{launcher.OWNER_SECRET_ENV}='owui/master' is not a Secrets Manager secret ARN" in capsys.readouterr().err
 
 
 # -- the real Open WebUI (runs where it is installed: .venv-owui, `make e2e`'s interpreter) ------------------------

@@ -1,30 +1,40 @@
-"""The AWS deployment kit: deploy/owui-crypto.yaml and ``owui-crypto iam-policy``.
+"""The AWS deployment kit: deploy/owui-crypto.yaml, deploy/app-role.sql and ``owui-crypto iam-policy``.
 
 No AWS account is involved: the template is linted with cfn-lint, parsed with
 cfn-lint's own loader (CloudFormation's ``!GetAtt``/``!Sub`` tags are not plain
-YAML), and its references are resolved to fixed fake ARNs.
+YAML), and its references are resolved to fixed fake ARNs. The task definition's
+environment goes through ``owui-crypto serve``'s own start-up checks (moto as
+Secrets Manager), and app-role.sql runs on the real PostgreSQL.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
+import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
+import psycopg
 import pytest
 from cfnlint.decode import decode
+from psycopg import sql
 
-from app_adapter import cli, iam, kms
+from app_adapter import aurora, cli, devdb, iam, kms
 from app_adapter.config import Settings
 from app_adapter.kms import KmsKeys
-from app_adapter.owui import launcher
+from app_adapter.owui import compat, launcher
+from tests.roles import Roles, as_role
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "deploy" / "owui-crypto.yaml"
+APP_ROLE_SQL = ROOT / "deploy" / "app-role.sql"
 
 REGION = "eu-central-1"
 ACCOUNT = "111122223333"
@@ -42,6 +52,7 @@ REFS = {
     "DatabaseSecret": DB_SECRET_ARN,
     "WebuiSecretKey": WEBUI_SECRET_ARN,
     "DatabaseMasterUsername": "owui_admin",
+    "ApplicationDatabaseUsername": "owui_app",
     "DatabaseName": "openwebui",
     "LogGroup": "/ecs/owui/owui-crypto",
     "TaskRole": "owui-TaskRole-ABC",
@@ -54,7 +65,10 @@ GETATTS = {
     ("ExecutionRole", "Arn"): f"arn:aws:iam::{ACCOUNT}:role/owui-ExecutionRole-DEF",
     ("DatabaseCluster", "Endpoint.Address"): "owui.cluster-abc.eu-central-1.rds.amazonaws.com",
     ("DatabaseCluster", "Endpoint.Port"): "5432",
+    ("DatabaseCluster", "DBClusterResourceId"): "cluster-ABCDEFGHIJKLMNOPQRSTUVWXYZ",
 }
+ENDPOINT = "owui.cluster-abc.eu-central-1.rds.amazonaws.com"
+APP_USER_ARN = f"arn:aws:rds-db:{REGION}:{ACCOUNT}:dbuser:cluster-ABCDEFGHIJKLMNOPQRSTUVWXYZ/owui_app"
 
 # Every KMS operation that uses a key for cryptography; the account's own statement must grant none.
 CRYPTO_ACTIONS = ("kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:GenerateDataKeyWithoutPlaintext",
@@ -109,6 +123,13 @@ def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
+def _container(resources: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """The task's (environment, secrets), resolved."""
+    (container,) = _resolve(resources["TaskDefinition"]["Properties"]["ContainerDefinitions"])
+    return ({e["Name"]: e["Value"] for e in container["Environment"]},
+            {s["Name"]: s["ValueFrom"] for s in container["Secrets"]})
+
+
 # -- the template -------------------------------------------------------------------------------------------
 
 
@@ -119,9 +140,20 @@ def test_template_passes_cfn_lint():
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")  # no error, no warning
 
 
-def test_task_role_policy_is_what_iam_policy_prints(resources, capsys, monkeypatch):
-    monkeypatch.delenv(iam.DB_SECRET_ENV, raising=False)
+def test_task_role_policy_is_what_iam_policy_prints(template, resources, capsys, monkeypatch):
+    """iam-policy given the task definition's own database variables, and the application role's rds-db ARN
+    (the stack's ApplicationDatabaseUserArn output)."""
+    for name in (iam.DB_SECRET_ENV, "OWUI_CRYPTO_KMS_ACCEPTED_CMK_IDS", "OWUI_CRYPTO_ERASURE"):
+        monkeypatch.delenv(name, raising=False)
+    environment, _ = _container(resources)
+    for name in ("DATABASE_URL", aurora.IAM_AUTH_ENV, launcher.OWNER_SECRET_ENV):
+        monkeypatch.setenv(name, environment[name])
+    user_arn = _resolve(template["Outputs"]["ApplicationDatabaseUserArn"]["Value"])
+    assert user_arn == APP_USER_ARN
+    monkeypatch.setenv(iam.DB_USER_ARN_ENV, user_arn)
     printed = _printed_policy(capsys, "--hmac-key-arn", HMAC_ARN, "--cmk-arn", CMK_ARN)
+    assert [s["Sid"] for s in printed["Statement"]][-2:] == ["OwnerDatabaseSecret", "DatabaseIamAuth"]
+    assert printed["Statement"][-2]["Resource"] == DB_SECRET_ARN and printed["Statement"][-1]["Resource"] == user_arn
     policy = resources["TaskRolePolicy"]
     assert policy["Type"] == "AWS::IAM::RolePolicy" and "Condition" not in policy
     assert policy["Properties"]["RoleName"] == {"Ref": "TaskRole"}
@@ -139,7 +171,7 @@ def test_key_policies_give_the_task_role_the_same_statements(resources, key, arn
     statements = _resolve(resources[key]["Properties"]["KeyPolicy"])["Statement"]
     task_role = [s for s in statements if s["Principal"] == {"AWS": TASK_ROLE_ARN}]
     expected = [{**{k: v for k, v in s.items() if k != "Resource"}, "Principal": {"AWS": TASK_ROLE_ARN},
-                 "Resource": "*"}
+                 "Resource": "*"}  # the key policies: KMS statements only
                 for s in iam.task_role_policy(HMAC_ARN, CMK_ARN)["Statement"] if arn in _as_list(s["Resource"])]
     assert task_role == expected
     (admin,) = [s for s in statements if s not in task_role]
@@ -173,21 +205,106 @@ def test_parameter_group_keeps_chat_text_out_of_the_log(resources):
 
 
 def test_task_definition_passes_owui_cryptos_own_checks(resources):
-    (container,) = _resolve(resources["TaskDefinition"]["Properties"]["ContainerDefinitions"])
-    environment = {e["Name"]: e["Value"] for e in container["Environment"]}
-    secrets = {s["Name"]: s["ValueFrom"] for s in container["Secrets"]}
+    environment, task_secrets = _container(resources)
     assert environment["KMS_HMAC_KEY_ID"] == HMAC_ARN and environment["KMS_APPLICATION_CMK_ID"] == CMK_ARN
-    assert secrets == {"PGPASSWORD": f"{DB_SECRET_ARN}:password::", "WEBUI_SECRET_KEY": WEBUI_SECRET_ARN}
+    # No database password in the task definition: the owner's is read by serve, the application role's is a token.
+    assert task_secrets == {"WEBUI_SECRET_KEY": WEBUI_SECRET_ARN}
+    assert "PGPASSWORD" not in environment and not [v for v in environment.values() if ":password" in v]
     # What Settings and `owui-crypto serve` would say about this environment.
     settings = Settings.from_env(environment)
     assert (settings.aws_region, settings.kms_mac_algorithm) == (REGION, "HMAC_SHA_512")
     url = launcher.normalise_database_url(environment["DATABASE_URL"])
-    assert url.startswith("postgresql+psycopg://owui_admin@") and ":password" not in url
+    assert url == f"postgresql+psycopg://owui_app@{ENDPOINT}:5432/openwebui?sslmode=require"
     assert not set(environment) & {*launcher._URL_PARTS, "DATABASE_SCHEMA", "DATABASE_PASSWORD"}
-    # Only the execution role reads the secrets, and only these two.
+    cluster = resources["DatabaseCluster"]["Properties"]
+    assert cluster["EnableIAMDatabaseAuthentication"] is True
+    # Only the execution role reads the task definition's secret.
     (statement,) = _resolve(resources["ExecutionRole"]["Properties"]["Policies"])[0]["PolicyDocument"]["Statement"]
-    assert (statement["Action"], statement["Resource"]) == ("secretsmanager:GetSecretValue",
-                                                           [DB_SECRET_ARN, WEBUI_SECRET_ARN])
+    assert (statement["Action"], statement["Resource"]) == ("secretsmanager:GetSecretValue", WEBUI_SECRET_ARN)
+    # One-off tasks override the command (README, "Deploy to AWS"): the entrypoint is the bare CLI.
+    (container,) = resources["TaskDefinition"]["Properties"]["ContainerDefinitions"]
+    assert container["EntryPoint"] == ["owui-crypto"] and container["Command"][0] == "serve"
+
+
+@pytest.fixture
+def clean_serve_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(compat, "installed_version", lambda: "0.12.4")
+    monkeypatch.setattr(compat, "installed_from_wheel", lambda: True)
+    for name in (iam.DB_SECRET_ENV, aurora.IAM_AUTH_ENV, aurora.CA_BUNDLE_ENV, "PGPASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    aurora.reset()
+    yield
+    aurora.reset()
+
+
+def test_serve_starts_with_two_roles_from_the_task_definition(resources, kms_server, clean_serve_environment,
+                                                              monkeypatch):
+    """The task's environment through serve's plan: the owner from the master secret (as SecretTargetAttachment
+    leaves it: no dbname) completed by OWUI_CRYPTO_OWNER_DATABASE_URL, Open WebUI as owui_app with IAM tokens."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETS_MANAGER", kms_server.endpoint_url)
+    password = secrets.token_hex(16)
+    client = boto3.session.Session(region_name=os.environ["AWS_REGION"]).client("secretsmanager")
+    try:
+        arn = client.create_secret(Name="owui-master-" + secrets.token_hex(4), SecretString=json.dumps(
+            {"username": "owui_admin", "password": password, "engine": "aurora-postgresql", "host": ENDPOINT,
+             "port": 5432, "dbClusterIdentifier": "owui"}))["ARN"]
+    finally:
+        client.close()
+    environment, _ = _container(resources)
+    environ = {**environment, launcher.OWNER_SECRET_ENV: arn, "WEBUI_SECRET_KEY": "s" * 32}
+    plan = launcher.plan(environ)
+    assert plan.owner_url == f"postgresql+psycopg://owui_admin:{password}@{ENDPOINT}:5432/openwebui?sslmode=require"
+    assert plan.database_url == f"postgresql+psycopg://owui_app@{ENDPOINT}:5432/openwebui?sslmode=require"
+    assert launcher.OWNER_URL_ENV not in environ and launcher.OWNER_SECRET_ENV not in environ
+    assert not [v for v in environ.values() if password in v] and password not in repr(plan)
+    assert aurora.describe() == (f"database owui_app@{ENDPOINT}:5432: a fresh RDS IAM token per connection "
+                                 f"(region {REGION}); sslmode=require")
+    assert aurora._password_for({"host": ENDPOINT, "port": "5432", "user": "owui_admin"}) is None
+
+
+# -- deploy/app-role.sql -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stand_in_roles(pg_server: devdb.Server) -> Iterator[tuple[str, str]]:
+    """(application role, stand-in for Aurora's rds_iam): cluster-wide, so random names, dropped afterwards."""
+    suffix = secrets.token_hex(4)
+    app, rds_iam = f"owui_crypto_t_kitapp_{suffix}", f"owui_crypto_t_rdsiam_{suffix}"
+    with pg_server.connect() as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(rds_iam)))
+    try:
+        yield app, rds_iam
+    finally:
+        with pg_server.connect() as admin:
+            for role in (app, rds_iam):
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_app_role_sql_makes_a_role_serve_accepts_and_grants(pg_server: devdb.Server, roles: Roles,
+                                                            owned_template: str, stand_in_roles: tuple[str, str]):
+    app, rds_iam = stand_in_roles
+    database = pg_server.create_database("owui_crypto_t_kit", template=owned_template, owner=roles.owner)
+    try:
+        url = pg_server.url(database)
+        for _ in range(2):  # the second run changes nothing
+            result = subprocess.run(["psql", url, "-X", "-q", "-v", f"app_role={app}", "-v", f"iam_role={rds_iam}",
+                                     "-f", str(APP_ROLE_SQL)], check=False, capture_output=True, text=True,
+                                    timeout=60)
+            assert result.returncode == 0, result.stderr
+        with pg_server.connect() as admin:
+            row = admin.execute("SELECT rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolpassword IS NULL, "
+                                "ARRAY(SELECT b.rolname::text FROM pg_auth_members m"
+                                "        JOIN pg_roles b ON b.oid = m.roleid WHERE m.member = r.oid)"
+                                "  FROM pg_authid r WHERE rolname = %s", (app,)).fetchone()
+        assert row == (True, False, False, False, True, [rds_iam])
+        app_url, owner_url = as_role(url, app), as_role(url, roles.owner)
+        assert launcher.checked_application_role(app_url, owner_url) == app
+        assert launcher.grant_application_role(owner_url, app) > 0
+        assert launcher.checked_application_role(app_url, owner_url) == app
+        with psycopg.connect(app_url) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT title FROM public.chat")
+    finally:
+        pg_server.drop_database(database)
 
 
 # -- owui-crypto iam-policy -------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from app_adapter import aurora, cli, config, migrate
+from app_adapter import aurora, cli, config, iam, migrate
 from app_adapter.errors import ConfigError
 from app_adapter.owui import compat, migrating
 
@@ -54,6 +54,8 @@ def say(message: str) -> None:
 #: The owner's connection (README, "Two roles"): Open WebUI's and owui-crypto's migrations, the checks and the
 #: grants run with it at start; Open WebUI itself then connects as DATABASE_URL's role, never as this one.
 OWNER_URL_ENV = config.OWNER_URL_ENV
+#: The owner's RDS secret (its ARN), which serve reads itself: the deployment kit gives the owner's password so.
+OWNER_SECRET_ENV = config.OWNER_SECRET_ENV
 
 ONE_ROLE_WARNING = (
     f"warning: one database role for everything ({OWNER_URL_ENV} is not set): Open WebUI connects as the role "
@@ -100,16 +102,24 @@ def normalise_database_url(url: str | None, name: str = "DATABASE_URL") -> str:
 def owner_database_url(environ: MutableMapping[str, str]) -> str | None:
     """:data:`OWNER_URL_ENV`, taken OUT of ``environ`` (Open WebUI, imported later, must not find the owner's
     password in its environment), checked as DATABASE_URL is, with TLS settled (:func:`aurora.settle_other_role`).
-    None when unset: one role, as before."""
-    raw = environ.pop(OWNER_URL_ENV, None)
-    if raw is None or not raw.strip():
+    With :data:`OWNER_SECRET_ENV` (also taken out), the owner's password and what the URL leaves out come from that
+    RDS secret, read now with the process's role. None when neither is set: one role, as before."""
+    raw = (environ.pop(OWNER_URL_ENV, None) or "").strip() or None
+    arn = (environ.pop(OWNER_SECRET_ENV, None) or "").strip() or None
+    if raw is None and arn is None:
         return None
     if environ.get("PGPASSWORD"):
-        raise ServeRefused(f"PGPASSWORD is set beside {OWNER_URL_ENV}: libpq would hand it to both roles' "
+        named = OWNER_SECRET_ENV if raw is None else OWNER_URL_ENV
+        raise ServeRefused(f"PGPASSWORD is set beside {named}: libpq would hand it to both roles' "
                            "connections, and it would stay in Open WebUI's environment. Unset it; give the owner's "
-                           f"password in {OWNER_URL_ENV} (or ~/.pgpass) and the application role's in DATABASE_URL, "
-                           f"{aurora.DB_SECRET_ENV} or IAM authentication")
-    url = normalise_database_url(raw.strip(), OWNER_URL_ENV)
+                           f"password in {OWNER_URL_ENV} (or ~/.pgpass, or {OWNER_SECRET_ENV}) and the application "
+                           f"role's in DATABASE_URL, {aurora.DB_SECRET_ENV} or IAM authentication")
+    if arn is not None:
+        if raw is not None:
+            raw = normalise_database_url(raw, OWNER_URL_ENV)  # its scheme refused before the secret is read
+        raw = aurora.owner_url_from_secret(raw, iam.secret_arn(arn, OWNER_SECRET_ENV), OWNER_URL_ENV,
+                                           OWNER_SECRET_ENV)
+    url = normalise_database_url(raw, OWNER_URL_ENV)
     return normalise_database_url(aurora.settle_other_role(url, OWNER_URL_ENV, environ), OWNER_URL_ENV)
 
 
