@@ -11,8 +11,10 @@ The acting user lives in a :class:`contextvars.ContextVar`, so it follows
 the code into ``asyncio.create_task`` and Starlette's ``run_in_threadpool``
 (both copy the context). The key is resolved (cached; KMS on a miss) when a
 user is bound -- never inside SQLAlchemy's synchronous ``begin`` listener,
-which only hands over what is already resolved: one round trip per
-transaction, through ``owui_crypto.activate()``.
+which only hands over what is already resolved, through
+``owui_crypto.activate()``: in the same round trip as the transaction's BEGIN
+when activation is the transaction's first statement (see :func:`app_adapter.transport.with_begin`),
+else in one round trip of its own.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 from app_adapter.errors import UnsupportedDriver
 from app_adapter.keys import KeyService
 from app_adapter.secret import SecretBytes
-from app_adapter.transport import Transport
+from app_adapter.transport import Transport, with_begin
 
 # pg_temp last, explicitly: left out, PostgreSQL searches it FIRST for tables
 # and views, and a temporary view named like a table (left in a pooled session
@@ -80,7 +82,8 @@ class Adapter:
         self._protected: re.Pattern[str] | None = None
         self._engines: list[Engine] = []
         self._lock = threading.Lock()
-        self._counts = {"transactions": 0, "activations": 0, "round_trips": 0, "transport_renewals": 0}
+        self._counts = {"transactions": 0, "activations": 0, "round_trips": 0, "transport_renewals": 0,
+                        "with_begin": 0}
 
     def __repr__(self) -> str:
         return f"Adapter(keys={self.keys!r}, engines={len(self._engines)})"
@@ -157,6 +160,7 @@ class Adapter:
         acting = _acting.get()
         raw = pooled.dbapi_connection
         assert raw is not None, "a connection inside a transaction has its DB-API connection"
+        first_trip = with_begin(pooled.driver_connection)
         cursor = raw.cursor()
         trips, renewals = transport.round_trips, transport.renewals
         try:
@@ -164,17 +168,19 @@ class Adapter:
                                acting.user_id if acting else None,
                                acting.key.reveal() if acting else None,
                                self.keys.share_key().reveal(),
-                               search_path=self.search_path)
+                               search_path=self.search_path,
+                               first_trip=first_trip)
         finally:
             cursor.close()
         with self._lock:
             self._counts["activations"] += 1
             self._counts["round_trips"] += transport.round_trips - trips
             self._counts["transport_renewals"] += transport.renewals - renewals
+            self._counts["with_begin"] += first_trip is not None
 
     def metrics(self) -> dict[str, int]:
         """Transactions hooked, activations (fewer when lazy), activate() round trips, transport entries
-        renewed (pooler moves)."""
+        renewed (pooler moves), activations sent in one flight with their transaction's BEGIN."""
         with self._lock:
             return dict(self._counts)
 

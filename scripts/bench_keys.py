@@ -83,7 +83,8 @@ def main() -> int:
         print(f"  KMS Decrypt calls, warm cache: {warm}")
         print(f"  read transaction, hooked:   {per_tx_with:8.1f} us (median of {args.repeats})")
         print(f"  read transaction, unhooked: {per_tx_without:8.1f} us")
-        print(f"  activate() round trips per transaction: {m['round_trips'] / m['transactions']:.3f}")
+        print(f"  activate() round trips per transaction: {m['round_trips'] / m['transactions']:.3f}"
+              f" ({m['with_begin'] / m['activations']:.3f} of activations sent with the transaction's BEGIN)")
         print(f"RESULT kms_calls_cold={cold} kms_calls_warm={warm} hook_latency_ratio={ratio:.2f}")
         hooked.dispose()
         plain.dispose()

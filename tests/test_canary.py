@@ -135,6 +135,8 @@ def test_no_key_or_plaintext_in_log_through_the_adapter(pg_server, db, db_url, k
                                         {"id": f"c{i}"}).scalar_one() == CANARY_TITLE
         with adapter.acting_as_sync("canary-bob"), engine.begin() as conn:
             assert {r[0] for r in conn.execute(sa.text("SELECT title FROM chat"))} == {"[encrypted]"}
+        # every activation went out with its BEGIN (transport.with_begin): that path is the one checked here
+        assert adapter.metrics()["with_begin"] == adapter.metrics()["activations"] == 9
     finally:
         engine.dispose()
     text = window.read()
