@@ -178,6 +178,8 @@ class OwuiCryptoCollector(Collector):
             ("activations", activations, "Transactions given keys with owui_crypto.activate()"),
             ("activation_round_trips", counts.get("round_trips", 0),
              "activate() round trips (more than activations when a pooler moved a client to a new backend)"),
+            ("activations_with_begin", counts.get("with_begin", 0),
+             "Activations sent in one network flight with their transaction's BEGIN (no round trip of their own)"),
             ("transport_renewals", counts.get("transport_renewals", 0),
              "Transport entries made because a client met a backend for the first time (new connection, "
              "or a pooler move)"),
