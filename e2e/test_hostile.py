@@ -14,7 +14,6 @@ third is forged under the hostile user's own key id with a key nobody holds.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import secrets
 import subprocess
@@ -24,7 +23,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
@@ -33,22 +31,13 @@ from app_adapter import devdb, envelope
 from e2e.conftest import OFFLINE_ENV, Owui, Roles, free_port, logged_database, start_owui, stop_owui, wait_healthy
 from e2e.llm_stub import LlmStub
 from e2e.owui_api import add_user, chat_document, ok, signup, words
+from scripts import soak_hostile as hostile
 from tests.serverlog import LogWindow, server_log_path
 
 REPO = Path(__file__).resolve().parent.parent
 BIG_BYTES = int(float(os.environ.get("E2E_HOSTILE_BIG_MB", "50")) * 2**20)
 
 
-def _load_hostile() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("soak_hostile", REPO / "scripts" / "soak_hostile.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak_hostile"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-hostile = _load_hostile()
 
 
 @dataclass

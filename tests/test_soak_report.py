@@ -6,27 +6,15 @@ Runs in .venv, which has no matplotlib: only the pure part is exercised here; th
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "soak_report.py"
+from scripts import soak_report as sr
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("soak_report", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak_report"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-sr = _load()
 GRACE = 10.0
 
 
@@ -36,7 +24,8 @@ def ev(t: float, status: int, ms: float = 50.0, instance: str = "a") -> object:
 
 def test_the_arithmetic_needs_no_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # any import of it now fails
-    module = _load()
+    monkeypatch.delitem(sys.modules, "scripts.soak_report")
+    module = importlib.import_module("scripts.soak_report")
     assert module.fault_rows([ev(1, 503)], [module.Fault("kms_down", 0.0, 2.0)], GRACE)[0].server_5xx == 1
 
 
