@@ -2,7 +2,8 @@
 
 The stack (scripts/soak_stack.py): a private PostgreSQL 15 cluster, PgBouncer in transaction pooling, a private
 Redis (WEBSOCKET_MANAGER=redis), moto's KMS behind a fault proxy, the stub model, two serve instances. Simulated
-users (scripts/soak_load.py) work through the API while faults run on a schedule: KMS unreachable for 30 s, KMS
+users (scripts/soak_load.py) work through the API, some of them (scripts/soak_socket.py) with a socket.io
+connection as the web client keeps one, while faults run on a schedule: KMS unreachable for 30 s, KMS
 throttling, a PostgreSQL fast restart, a PgBouncer restart, pg_terminate_backend of busy backends, one serve
 SIGKILLed and restarted, a user deleted by the admin while active, and hostile inputs (scripts/soak_hostile.py).
 The invariants (scripts/soak_checks.py) are checked during the run and after it. Output in --out: events.jsonl,
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scripts import soak_checks, soak_load  # noqa: E402
+from scripts import soak_checks, soak_load, soak_socket  # noqa: E402
 from scripts.soak_stack import APP_ROLE, Stack, running_stack  # noqa: E402
 
 GRACE_S = 30.0  # after a fault's end, its errors may go on this long (the report's `recovered_after_s`)
@@ -49,6 +50,7 @@ class Settings:
     think_s: tuple[float, float]
     key_ttl: int
     cycles: int
+    socket_share: float = 0.5
 
 
 def parse(argv: list[str] | None = None) -> Settings:
@@ -64,6 +66,9 @@ def parse(argv: list[str] | None = None) -> Settings:
                         help="simulated users, besides the admin and the hostile user (default 50; 10 with --ci)")
     parser.add_argument("--out", type=Path, default=REPO / "soak-results", help="output directory "
                         "(default soak-results/; emptied first)")
+    parser.add_argument("--socket-share", type=float, default=0.5,
+                        help="share of the users that keep a socket.io connection as the web client does and wait "
+                             "for their replies on it (default 0.5; 0 = HTTP polling only)")
     parser.add_argument("--seed", type=int, default=None, help="random seed of the users' choices (default: random, "
                         "printed)")
     args = parser.parse_args(argv)
@@ -71,9 +76,12 @@ def parse(argv: list[str] | None = None) -> Settings:
     users = args.users if args.users is not None else (10 if args.ci else 50)
     if minutes < 2 or users < 3:
         parser.error("at least 2 minutes (the faults need them) and 3 users")
+    if not 0.0 <= args.socket_share <= 1.0:
+        parser.error("--socket-share is a share of the users, from 0 to 1")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     think = (0.5, 2.0) if users <= 20 else (1.0, 4.0)
-    return Settings(minutes, users, seed, args.out, think, key_ttl=10, cycles=max(1, int(minutes * 60 // 240)))
+    return Settings(minutes, users, seed, args.out, think, key_ttl=10, cycles=max(1, int(minutes * 60 // 240)),
+                    socket_share=args.socket_share)
 
 
 def say(message: str) -> None:
@@ -99,6 +107,8 @@ class Run:
     probe: soak_checks.PoolProbe | None = None
     keys: dict[str, bytes] = field(default_factory=dict)
     share_key: bytes | None = None
+    socket_users: set[str] = field(default_factory=set)
+    links: list[soak_socket.SocketLink] = field(default_factory=list)
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -150,6 +160,7 @@ def setup_users(run: Run) -> None:
     for i in range(run.settings.users):
         label = f"u{i:02d}"
         run.users[label] = soak_load.UserLedger(label, run.ids[label], soak_load.marker_for(i))
+    run.socket_users = soak_socket.socket_users(list(run.users), run.settings.socket_share, run.settings.seed)
 
 
 def schedule(run: Run) -> list[tuple[float, str, Callable[[], None]]]:
@@ -288,11 +299,36 @@ def probe_thread(run: Run) -> None:
 def user_thread(run: Run, label: str, seed: int, deadline: float) -> None:
     ledger = run.users[label]
     api = run.api(label, run.tokens[label], seed, ledger.marker)
+    link: soak_socket.SocketLink | None = None
     try:
-        sim = soak_load.UserSim(ledger, api, random.Random(seed), run.violations, run.settings.think_s)
+        sim: soak_load.UserSim
+        if label in run.socket_users:
+            link = soak_socket.SocketLink(label, run.tokens[label], run.endpoints, ledger.marker, run.violations,
+                                          random.Random(seed + 7), run.events)
+            run.links.append(link)
+            sim = soak_socket.SocketUserSim(ledger, api, random.Random(seed), run.violations, run.settings.think_s,
+                                            link=link)
+        else:
+            sim = soak_load.UserSim(ledger, api, random.Random(seed), run.violations, run.settings.think_s)
         sim.run(deadline, run.stop, max_iterations=100_000)
     finally:
+        if link is not None:
+            link.close()
         api.close()
+
+
+def socket_problems(run: Run) -> list[str]:
+    """The socket.io users must have had their replies by the done event, also across instances (Redis)."""
+    if not run.links:
+        return []
+    total = soak_socket.summary(run.links)
+    problems = []
+    if total["done"] == 0:
+        problems.append(f"no socket.io user got a single reply by its done event ({total['lost']} lost)")
+    if total["asked_across"] >= 5 and total["done_across"] == 0:
+        problems.append(f"none of {total['asked_across']} completions POSTed to the other instance than the "
+                        "socket's got its done event: events do not cross instances through Redis")
+    return problems
 
 
 def load(run: Run) -> None:
@@ -418,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"load done: {events.count} requests")
                 (out / "faults.json").write_text(json.dumps(run.faults, indent=1) + "\n")
                 failures += [f"during the run: {v}" for v in run.violations.items]
+                failures += socket_problems(run)
                 failures += run.hostile_problems
                 failures += final_checks(run)
             finally:
@@ -436,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
             probes = run.probe.checks if run.probe else 0
             summary = (f"{events.count} requests, {acked} acknowledged writes read back ({unsure} uncertain), "
                        f"{len(run.faults)} fault windows, {probes} pooled-transaction probes")
+            if run.links:
+                s = soak_socket.summary(run.links)
+                summary += (f"; socket.io: {s['users']} users, {s['done']} replies by done event "
+                            f"({s['done_across']} of {s['asked_across']} POSTed to the other instance), "
+                            f"{s['lost']} lost, {s['events']} events scanned, {s['connects']} sockets, "
+                            f"{s['reconnects']} reconnections")
     except KeyboardInterrupt:
         failures.append("interrupted (Ctrl-C); everything started was stopped")
     except Exception as exc:

@@ -6,7 +6,8 @@ messages, note bodies, feedback comments: never names, emails or tags, which sta
 is a marker in the wrong place. Every request becomes one line of the events file (the interface with
 scripts/soak_report.py); every response body is scanned for other users' markers, real envelopes and the
 ``[encrypted]`` placeholder. A ledger keeps what Open WebUI acknowledged (2xx), and what may or may not have been
-written (no answer, or a 5xx): the final check accepts only those.
+written (no answer, or a 5xx): the final check accepts only those. Users with a socket.io connection, who wait
+for their replies on it, are scripts/soak_socket.py's.
 """
 
 from __future__ import annotations
@@ -256,6 +257,17 @@ def chat_document(title: str, texts: list[str]) -> dict[str, Any]:
 
 # -- one simulated user --------------------------------------------------------------------------------------------
 
+@dataclass
+class Prompt:
+    """One completion as the web client sends it, and what the chat may hold if its reply has no clear end."""
+
+    request: dict[str, Any]
+    follow: ChatLedger | None  # the settled chat it continues, or None: a new chat
+    text: str
+    reply_id: str
+    extras: dict[str, tuple[str, ...]]  # message id -> allowed contents / prefixes
+
+
 ACTIONS = (("new_chat", 3), ("completion", 3), ("edit_chat", 3), ("read", 4), ("search", 1), ("share", 1),
            ("feedback", 1), ("note", 2))
 
@@ -286,7 +298,11 @@ class UserSim:
                 self.violations.add(f"{self.ledger.label}: simulation error in {action}: {type(exc).__name__}")
             if self.api.events is not None and self._gone():
                 return
+            self.between()
             stop.wait(self.rng.uniform(*self.think_s))
+
+    def between(self) -> None:
+        """Between two actions: nothing here; the socket.io users send their heartbeat (scripts/soak_socket.py)."""
 
     def _gone(self) -> bool:
         return self.ledger.deleted
@@ -369,7 +385,17 @@ class UserSim:
 
     def completion(self) -> None:
         """POST /api/chat/completions as the web client asks (session_id, id, parent_id, user_message); the
-        reply is streamed by a task of Open WebUI's into the chat, which is polled until the reply is done."""
+        reply is streamed by a task of Open WebUI's into the chat, which is polled until the reply is done. (The
+        socket.io users of scripts/soak_socket.py wait for the done event instead.)"""
+        prompt = self.prompt(f"soak-{self.ledger.label}")
+        if prompt is None:
+            return
+        chat = self.send(prompt, self.api.pick())
+        if chat is not None and not self._wait_reply(chat, prompt):
+            self.unsettled(chat, prompt)
+
+    def prompt(self, session_id: str) -> Prompt | None:
+        """The next completion request: in a new chat, or after the current message of a settled one."""
         follow = self._settled_chat() if self.rng.random() < 0.5 else None
         text = self.text("prompt")
         user_id, reply_id = str(uuid.uuid4()), str(uuid.uuid4())
@@ -377,65 +403,80 @@ class UserSim:
         if follow is not None:
             body = self.get_and_check(follow)
             if body is None or not follow.settled:
-                return
+                return None
             parent_id = ((body.get("chat") or {}).get("history") or {}).get("currentId")
         request: dict[str, Any] = {
             "model": STUB_MODEL, "stream": True, "messages": [{"role": "user", "content": text}],
-            "parent_id": parent_id, "id": reply_id, "session_id": f"soak-{self.ledger.label}",
+            "parent_id": parent_id, "id": reply_id, "session_id": session_id,
             "user_message": {"id": user_id, "parentId": parent_id, "childrenIds": [reply_id], "role": "user",
                              "content": text, "timestamp": int(time.time())}}
         if follow is not None:
             request["chat_id"] = follow.id
-        response = self.api.call("completion", "POST", "/api/chat/completions", json=request)
-        body = self._json(response)
         extras = {user_id: (text,), reply_id: ("prefix:echo: " + text,)}
+        return Prompt(request, follow, text, reply_id, extras)
+
+    def send(self, prompt: Prompt, instance: str) -> ChatLedger | None:
+        """POST the prompt to ``instance``; the chat the reply goes into, or None (no clear answer: noted)."""
+        response = self.api.call("completion", "POST", "/api/chat/completions", instance=instance,
+                                 json=prompt.request)
+        body = self._json(response)
+        follow = prompt.follow
         chat_id = follow.id if follow is not None else (body or {}).get("chat_id") if isinstance(body, dict) else None
         if response is None or not response.is_success or not chat_id:
             if uncertain(response):
                 self.ledger.writes_uncertain += 1
                 if follow is not None:
-                    follow.extras.update(extras)
+                    follow.extras.update(prompt.extras)
                     follow.tainted = True
                 else:
-                    self.ledger.unknown_texts.update([text, "prefix:echo: " + text])
-            return
+                    self.ledger.unknown_texts.update([prompt.text, "prefix:echo: " + prompt.text])
+            return None
         chat = self.ledger.chats.get(chat_id)
         if chat is None:
             chat = ChatLedger(chat_id)
             self.ledger.chats[chat_id] = chat
-        if not self._wait_reply(chat, reply_id, text, extras):
-            chat.extras.update(extras)
-            chat.tainted = True
-            if chat.acked is None:
-                chat.acked = ("", ())  # no base: what the server holds is only what `extras` allows
-                chat.any_title = True
-            self.ledger.writes_uncertain += 1
+        return chat
 
-    def _wait_reply(self, chat: ChatLedger, reply_id: str, text: str, extras: dict[str, tuple[str, ...]]) -> bool:
+    def unsettled(self, chat: ChatLedger, prompt: Prompt) -> None:
+        """No done reply seen: the reply may still be written (or not), so the chat takes no more edits."""
+        chat.extras.update(prompt.extras)
+        chat.tainted = True
+        if chat.acked is None:
+            chat.acked = ("", ())  # no base: what the server holds is only what `extras` allows
+            chat.any_title = True
+        self.ledger.writes_uncertain += 1
+
+    def _wait_reply(self, chat: ChatLedger, prompt: Prompt) -> bool:
         deadline = time.monotonic() + REPLY_TIMEOUT_S
         while time.monotonic() < deadline:
             time.sleep(0.4)
-            response = self.api.call("poll_reply", "GET", f"/api/v1/chats/{chat.id}")
-            body = self._json(response)
-            if response is None or not response.is_success or not isinstance(body, dict):
-                continue
-            messages = ((body.get("chat") or {}).get("history") or {}).get("messages") or {}
-            reply = messages.get(reply_id) or {}
-            if not reply.get("done"):
-                continue
-            content = reply.get("content")
-            if reply.get("error") or not content:
-                return False  # Open WebUI gave up on it (a fault): nothing was promised
-            if content != "echo: " + text:
-                shape = (f"{type(content).__name__} of {len(content)} chars, starts with the echo: "
-                         f"{str(content).startswith('echo: ')}, keys {sorted(reply)}")
-                self.violations.add(f"{self.ledger.label}: completion reply in chat {chat.id} is done but is not "
-                                    f"the stub's echo of the prompt ({shape})")
-            fp = fingerprint(body.get("title") or "", body.get("chat") or {})
-            chat.ack(fp)
-            self.ledger.writes_acked += 1
-            return True
+            settled = self.settle(chat, prompt, "poll_reply")
+            if settled is not None:
+                return settled
         return False
+
+    def settle(self, chat: ChatLedger, prompt: Prompt, action: str) -> bool | None:
+        """GET the chat once: True when the reply is done and is the stub's echo (the chat is acknowledged as it
+        reads), False when Open WebUI gave up on it, None when it is not done or the read failed."""
+        response = self.api.call(action, "GET", f"/api/v1/chats/{chat.id}")
+        body = self._json(response)
+        if response is None or not response.is_success or not isinstance(body, dict):
+            return None
+        messages = ((body.get("chat") or {}).get("history") or {}).get("messages") or {}
+        reply = messages.get(prompt.reply_id) or {}
+        if not reply.get("done"):
+            return None
+        content = reply.get("content")
+        if reply.get("error") or not content:
+            return False  # Open WebUI gave up on it (a fault): nothing was promised
+        if content != "echo: " + prompt.text:
+            shape = (f"{type(content).__name__} of {len(content)} chars, starts with the echo: "
+                     f"{str(content).startswith('echo: ')}, keys {sorted(reply)}")
+            self.violations.add(f"{self.ledger.label}: completion reply in chat {chat.id} is done but is not "
+                                f"the stub's echo of the prompt ({shape})")
+        chat.ack(fingerprint(body.get("title") or "", body.get("chat") or {}))
+        self.ledger.writes_acked += 1
+        return True
 
     def search(self) -> None:
         response = self.api.call("search", "GET", "/api/v1/chats/search", params={"text": self.ledger.marker})
