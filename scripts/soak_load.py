@@ -25,6 +25,8 @@ from typing import Any
 
 import httpx
 
+from tests import owui
+
 STUB_MODEL = "e2e-stub-model"
 MARKER = re.compile(r"mkr\d{3}x[0-9a-f]{8}")
 ENVELOPE = re.compile(r"oc1:[0-9a-f]{16}:")
@@ -237,22 +239,9 @@ class UserLedger:
 # -- chats shaped like the web client's ----------------------------------------------------------------------------
 
 def chat_document(title: str, texts: list[str]) -> dict[str, Any]:
-    history: dict[str, dict[str, Any]] = {}
-    legacy, parent = [], None
-    for i, text in enumerate(texts):
-        mid = str(uuid.uuid4())
-        message: dict[str, Any] = {"id": mid, "parentId": parent, "childrenIds": [],
-                                   "role": "user" if i % 2 == 0 else "assistant", "content": text,
-                                   "timestamp": int(time.time())}
-        if message["role"] == "assistant":
-            message["model"] = STUB_MODEL
-        if parent:
-            history[parent]["childrenIds"].append(mid)
-        history[mid] = message
-        legacy.append(message)
-        parent = mid
-    return {"title": title, "models": [STUB_MODEL], "history": {"messages": history, "currentId": parent},
-            "messages": legacy, "tags": [], "params": {}, "timestamp": int(time.time() * 1000)}
+    """Turns alternating user / assistant, as the web client posts a chat."""
+    return owui.chat_document(title, [("user" if i % 2 == 0 else "assistant", text) for i, text in enumerate(texts)],
+                              model=STUB_MODEL)
 
 
 # -- one simulated user --------------------------------------------------------------------------------------------
