@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Hostile HTTP input against Open WebUI's API, as one user (issue 12; the contract is
-/tmp/owui-plan/soak-interface.md). The soak calls :func:`run_hostile` from one thread during its load;
+"""Hostile HTTP input against Open WebUI's API, as one user (issue 12). The soak calls :func:`run_hostile` from
+one thread during its load;
 e2e/test_hostile.py runs it against plain Open WebUI 0.12.4 and against ``owui-crypto serve``.
 
 Each case sends one kind of input an attacker or a broken client could send: a 50 MB chat body, JSON nested

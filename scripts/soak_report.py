@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The soak's report (issue 12): a table per fault and a PNG timeline, from what the load recorded.
 
-Inputs (written by scripts/soak.py; the contract is /tmp/owui-plan/soak-interface.md):
+Inputs (written by scripts/soak.py):
 
 * EVENTS, JSON Lines, one object per HTTP request or socket.io exchange:
   ``{"t": seconds since the load started (the request's start), "ms": duration, "user", "instance",
