@@ -18,12 +18,14 @@ import contextlib
 import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+
+from app_adapter.config import OWNER_URL_ENV
 
 LOCAL_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -108,3 +110,51 @@ def find_server() -> Server:
         + "\n  - ".join(tried)
         + "\nSet TEST_DATABASE_URL=postgresql://USER@HOST:PORT/postgres to use another server."
     )
+
+
+# -- serve's two roles (README, "Two roles"), for the e2e suite and the demo ----------------------------------
+
+@dataclass(frozen=True)
+class Roles:
+    """The two login roles serve runs with (README, "Two roles"): ``owner`` owns the database and migrates, ``app``
+    is what Open WebUI connects as, granted by serve at start. Neither is a superuser."""
+
+    owner: str
+    owner_password: str = field(repr=False)
+    app: str
+    app_password: str = field(repr=False)
+
+    def owner_url(self, url: str) -> str:
+        return as_role(url, self.owner, self.owner_password)
+
+    def app_url(self, url: str) -> str:
+        return as_role(url, self.app, self.app_password)
+
+    def env(self, url: str) -> dict[str, str]:
+        """serve's two URLs for the database ``url`` names."""
+        return {"DATABASE_URL": self.app_url(url), OWNER_URL_ENV: self.owner_url(url)}
+
+
+def as_role(url: str, role: str, password: str) -> str:
+    """``url`` (a libpq URL) with ``role`` and ``password`` in place of its user."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{role}:{password}@{parts.hostname}:{parts.port or 5432}"))
+
+
+@contextlib.contextmanager
+def database_roles(pg_server: Server, prefix: str = "owui_crypto_e2e") -> Iterator[Roles]:
+    """An owner and an application role of this run's own (roles are cluster-wide: random names), dropped after
+    (drop their databases first)."""
+    suffix = secrets.token_hex(4)
+    roles = Roles(f"{prefix}_owner_{suffix}", f"owner-pw-{secrets.token_hex(8)}",
+                  f"{prefix}_app_{suffix}", f"app-pw-{secrets.token_hex(8)}")
+    with pg_server.connect() as admin:
+        for role, password in ((roles.owner, roles.owner_password), (roles.app, roles.app_password)):
+            admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)))
+    try:
+        yield roles
+    finally:
+        with pg_server.connect() as admin:
+            for role in (roles.app, roles.owner):
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

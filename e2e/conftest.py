@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import socket
 import subprocess
 import sys
@@ -30,7 +29,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -38,6 +36,7 @@ import pytest
 from psycopg import sql
 
 from app_adapter import devdb
+from app_adapter.devdb import Roles, database_roles
 from e2e.llm_stub import LlmStub
 from tests.kms_fixtures import kms_server  # noqa: F401  (fixture: moto's KMS over HTTP)
 from tests.serverlog import LogWindow, server_log_path
@@ -99,55 +98,6 @@ def pg_server() -> Iterator[devdb.Server]:
     yield server
     if server.keepalive is not None:
         server.keepalive.stop()
-
-
-@dataclass(frozen=True)
-class Roles:
-    """The two login roles serve runs with (README, "Two roles"): ``owner`` owns the database and migrates, ``app``
-    is what Open WebUI connects as, granted by serve at start. Neither is a superuser."""
-
-    owner: str
-    owner_password: str = field(repr=False)
-    app: str
-    app_password: str = field(repr=False)
-
-    def owner_url(self, url: str) -> str:
-        return as_role(url, self.owner, self.owner_password)
-
-    def app_url(self, url: str) -> str:
-        return as_role(url, self.app, self.app_password)
-
-    def env(self, url: str) -> dict[str, str]:
-        """serve's two URLs for the database ``url`` names."""
-        return {"DATABASE_URL": self.app_url(url), OWNER_URL_ENV: self.owner_url(url)}
-
-
-OWNER_URL_ENV = "OWUI_CRYPTO_OWNER_DATABASE_URL"
-
-
-def as_role(url: str, role: str, password: str) -> str:
-    """``url`` (a libpq URL) with ``role`` and ``password`` in place of its user."""
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{role}:{password}@{parts.hostname}:{parts.port or 5432}"))
-
-
-@contextlib.contextmanager
-def database_roles(pg_server: devdb.Server, prefix: str = "owui_crypto_e2e") -> Iterator[Roles]:
-    """An owner and an application role of this run's own (roles are cluster-wide: random names), dropped after
-    (drop their databases first)."""
-    suffix = secrets.token_hex(4)
-    roles = Roles(f"{prefix}_owner_{suffix}", f"owner-pw-{secrets.token_hex(8)}",
-                  f"{prefix}_app_{suffix}", f"app-pw-{secrets.token_hex(8)}")
-    with pg_server.connect() as admin:
-        for role, password in ((roles.owner, roles.owner_password), (roles.app, roles.app_password)):
-            admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(password)))
-    try:
-        yield roles
-    finally:
-        with pg_server.connect() as admin:
-            for role in (roles.app, roles.owner):
-                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
 @pytest.fixture(scope="session")

@@ -272,14 +272,18 @@ def running_demo(removed: list[str], port: int = 0) -> Iterator[Demo]:
             stack.callback(server.keepalive.stop)
         kms_endpoint, _, _ = stack.enter_context(kms_emulator())
         stack.callback(removed.append, "moto")
-        database = stack.enter_context(server.scratch_database("owui_crypto_demo"))
+        roles = stack.enter_context(devdb.database_roles(server, "owui_crypto_demo"))  # dropped after the database
+        stack.callback(removed.append, f"roles {roles.owner} and {roles.app}")
+        database = stack.enter_context(server.scratch_database("owui_crypto_demo", owner=roles.owner))
         stack.callback(removed.append, f"database {database}")
         model_url = stack.enter_context(stub_model())
         stack.callback(removed.append, "the stub model")
         url = server.url(database)
         port = port or free_port()
         base_url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, **OFFLINE, "DATABASE_URL": url, "WEBUI_SECRET_KEY": os.urandom(24).hex(),
+        # Two roles, as in production (README, "Two roles"): serve migrates as the database's owner and runs Open
+        # WebUI as a role it grants; neither is a superuser.
+        env = {**os.environ, **OFFLINE, **roles.env(url), "WEBUI_SECRET_KEY": os.urandom(24).hex(),
                "DATA_DIR": str(workdir / "data"),
                "ENABLE_OPENAI_API": "true", "OPENAI_API_BASE_URLS": model_url, "OPENAI_API_KEYS": "demo-stub",
                "BYPASS_MODEL_ACCESS_CONTROL": "true",  # the stub is every user's model, no admin step first
@@ -288,7 +292,8 @@ def running_demo(removed: list[str], port: int = 0) -> Iterator[Demo]:
             env.pop(name, None)  # settings serve refuses or that would point Open WebUI elsewhere
         log = workdir / "serve.log"
         cli = Path(sys.executable).with_name("owui-crypto")
-        print(f"PostgreSQL: {server.origin}, throw-away database {database}")
+        print(f"PostgreSQL: {server.origin}, throw-away database {database}; serve migrates as {roles.owner} and "
+              f"Open WebUI connects as {roles.app} (neither a superuser)")
         print(f"KMS:        moto at {kms_endpoint} (emulated, in this process)")
         print(f"model:      {STUB_MODEL}, a stub at {model_url} (no real model; it quotes what you write)")
         print(f"starting Open WebUI {OWUI_VERSION} through owui-crypto serve (about 30 s; log: {log}) ...",
