@@ -8,70 +8,25 @@ Any other request (title or tag generation...) gets the same kind of answer.
 
 from __future__ import annotations
 
-import json
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from app_adapter.stubmodel import StubModelHandler, last_user_text
 
 MODEL = "e2e-stub-model"
 
 
 def reply_to(body: dict) -> str:
-    users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
-    content = users[-1].get("content") if users else ""
-    if isinstance(content, list):
-        content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return f"echo: {content}"
+    return f"echo: {last_user_text(body)}"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(StubModelHandler):
+    model = MODEL
+    owned_by = "e2e"
 
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-    def _json(self, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        if self.path.rstrip("/").endswith("/models"):
-            self._json({"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "e2e"}]})
-        else:
-            self.send_error(404)
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length) or b"{}")
+    def reply(self, body: dict) -> str:
         self.server.requests.append(body)  # type: ignore[attr-defined]
-        text = reply_to(body)
-        created = int(time.time())
-        if not body.get("stream"):
-            self._json({"id": "stub", "object": "chat.completion", "created": created, "model": MODEL,
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        words = text.split(" ")
-        for i, word in enumerate(words):
-            chunk = {"id": "stub", "object": "chat.completion.chunk", "created": created, "model": MODEL,
-                     "choices": [{"index": 0, "delta": {"content": word + (" " if i < len(words) - 1 else "")},
-                                  "finish_reason": None}]}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        done = {"id": "stub", "object": "chat.completion.chunk", "created": created, "model": MODEL,
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
-        self.wfile.flush()
-        self.close_connection = True
+        return reply_to(body)
 
 
 class LlmStub:

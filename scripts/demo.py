@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import html
-import json
 import os
 import re
 import shutil
@@ -35,7 +34,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -45,6 +44,7 @@ import psycopg
 
 from app_adapter import devdb
 from app_adapter.devstack import kms_emulator, side_by_side
+from app_adapter.stubmodel import StubModelHandler, last_user_text
 
 EMAIL, PASSWORD, NAME = "demo@example.com", "demo-password-1", "Demo User"
 TITLE = "Knee surgery questions"
@@ -106,11 +106,7 @@ class Teardown(contextlib.ExitStack):
 # -- the stub model ------------------------------------------------------------------------------------------
 
 def stub_reply(body: dict[str, Any]) -> str:
-    users = [m for m in body.get("messages") or [] if m.get("role") == "user"]
-    content = users[-1].get("content") if users else ""
-    if isinstance(content, list):
-        content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-    text = str(content or "").strip()
+    text = last_user_text(body).strip()
     if text.startswith("### Task:"):
         # Open WebUI's own tasks (title, tags, follow-ups) expect JSON. An empty object makes it fall back to
         # its defaults (the first message as title, no tags), where an echo of the prompt would become a title.
@@ -119,53 +115,12 @@ def stub_reply(body: dict[str, Any]) -> str:
             "This reply, like your message, was sealed under your key before it reached PostgreSQL.")
 
 
-class _StubHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _StubHandler(StubModelHandler):
+    model = STUB_MODEL
+    owned_by = "owui-crypto demo"
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line per request on the demo's terminal otherwise
-
-    def _json(self, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        if self.path.rstrip("/").endswith("/models"):
-            self._json({"object": "list", "data": [{"id": STUB_MODEL, "object": "model", "created": 0,
-                                                    "owned_by": "owui-crypto demo"}]})
-        else:
-            self.send_error(404)
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-        text, created = stub_reply(body), int(time.time())
-        base = {"id": "stub", "created": created, "model": STUB_MODEL}
-        if not body.get("stream"):
-            self._json({**base, "object": "chat.completion",
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        words = text.split(" ")
-        for i, word in enumerate(words):  # word by word, as a model streams
-            delta = {"content": word + (" " if i < len(words) - 1 else "")}
-            chunk = {**base, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        done = {**base, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-        self.wfile.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
-        self.wfile.flush()
-        self.close_connection = True
+    def reply(self, body: dict[str, Any]) -> str:
+        return stub_reply(body)
 
 
 @contextlib.contextmanager
